@@ -1,0 +1,21 @@
+"""jaxce: numerically stable softmax, information measures and cross-entropy losses for JAX."""
+
+from ._information import cross_entropy as cross_entropy
+from ._information import entropy as entropy
+from ._information import information as information
+from ._information import kl_divergence as kl_divergence
+from ._information import softmax_entropy as softmax_entropy
+from ._information import softmax_kl_divergence as softmax_kl_divergence
+from ._losses import nll_loss as nll_loss
+from ._losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+from ._losses import softmax_cross_entropy as softmax_cross_entropy
+from ._losses import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
+from ._losses import (
+    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+)
+from ._softmax import log_softmax as log_softmax
+from ._softmax import logsumexp as logsumexp
+from ._softmax import softmax as softmax
+from ._softmax import softmax_jacobian as softmax_jacobian
+
+__version__ = "0.1.0"

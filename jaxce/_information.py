@@ -1,0 +1,180 @@
+r"""Information measures: surprisal, entropy, cross-entropy and KL divergence.
+
+Conventions (REFERENCE.md section 2): :math:`0 \log 0 = 0` in the value and in the gradient
+(a term whose weight is 0 is constant 0), and :math:`p > 0` where :math:`q = 0` gives
+:math:`+\infty`. ``base`` picks the unit: ``None`` nats, ``2`` bits, ``10`` hartleys.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from ._softmax import log_probabilities, masked_fill, prepare, probabilities
+from ._validation import check_floating, compute_dtype, log_base
+
+
+def xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
+    r""":math:`x \log y`, exactly 0 with zero gradients wherever :math:`x = 0`.
+
+    The inner ``where`` keeps ``log(0)`` out of the computation that is differentiated (the
+    "double where"): otherwise its infinite derivative times the outer zero would be NaN.
+    """
+    nonzero = x != 0
+    return jnp.where(nonzero, x * jnp.log(jnp.where(nonzero, y, 1.0)), 0.0)
+
+
+def xdiff(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    r""":math:`x (a - b)`, exactly 0 with zero gradients wherever :math:`x = 0` (even if a, b are -inf)."""
+    nonzero = x != 0
+    return jnp.where(nonzero, x * (jnp.where(nonzero, a, 0.0) - jnp.where(nonzero, b, 0.0)), 0.0)
+
+
+def _distributions(axis, where, **arrays):
+    # Check and upcast probability arrays of one (broadcast) shape; return them with the mask.
+    arrays = {name: jnp.asarray(a) for name, a in arrays.items()}
+    for name, a in arrays.items():
+        check_floating(name, a)
+    try:
+        shape = jnp.broadcast_shapes(*(a.shape for a in arrays.values()))
+    except ValueError:
+        shapes = ", ".join(f"{n} {a.shape}" for n, a in arrays.items())
+        raise ValueError(f"shapes do not broadcast: {shapes}") from None
+    dtype = compute_dtype(jnp.result_type(*arrays.values()))
+    _, _, mask, axes = prepare(jnp.zeros(shape, dtype), axis, where)
+    return [jnp.broadcast_to(a.astype(dtype), shape) for a in arrays.values()], mask, axes
+
+
+def information(p: ArrayLike, *, base: float | None = None) -> jax.Array:
+    r"""Information (surprisal) :math:`I(p) = -\log_b p`, elementwise.
+
+    Rare events carry more information; :math:`I(0) = +\infty`.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> print(jaxce.information(jnp.array([0.7, 0.2, 0.1]), base=10))
+      [0.1549 0.6990 1.0000]
+    """
+    p = jnp.asarray(p)
+    check_floating("p", p)
+    scale = log_base(base)
+    return -jnp.log(p.astype(compute_dtype(p.dtype))) / scale
+
+
+def entropy(
+    p: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    base: float | None = None,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Shannon entropy :math:`H(p) = -\sum_i p_i \log_b p_i`.
+
+    Args:
+      p: probabilities along ``axis``.
+      axis: axis or axes that hold the outcomes.
+      base: logarithm base (``None`` nats, ``2`` bits, ``10`` hartleys).
+      where: boolean mask broadcastable to ``p``; masked entries take no part.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> p = jnp.array([0.7, 0.2, 0.1])
+      >>> print(jaxce.entropy(p), jaxce.entropy(p, base=2), jaxce.entropy(p, base=10))
+      0.8018186 1.1567796 0.34822536
+    """
+    scale = log_base(base)
+    (p,), mask, axes = _distributions(axis, where, p=p)
+    return -jnp.sum(masked_fill(xlogy(p, p), mask, 0.0), axis=axes) / scale
+
+
+def cross_entropy(
+    p: ArrayLike,
+    q: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    base: float | None = None,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Cross-entropy :math:`H(p, q) = -\sum_i p_i \log_b q_i = H(p) + D_{KL}(p \| q)`.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> q = jnp.array([0.7, 0.2, 0.1])
+      >>> print(jaxce.cross_entropy(jnp.array([1.0, 0.0, 0.0]), q, base=10))
+      0.15490197
+    """
+    scale = log_base(base)
+    (p, q), mask, axes = _distributions(axis, where, p=p, q=q)
+    return -jnp.sum(masked_fill(xlogy(p, q), mask, 0.0), axis=axes) / scale
+
+
+def kl_divergence(
+    p: ArrayLike,
+    q: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    base: float | None = None,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Kullback-Leibler divergence :math:`D_{KL}(p \| q) = \sum_i p_i (\log_b p_i - \log_b q_i)`.
+
+    0 when :math:`p = q`, never negative, not symmetric; :math:`+\infty` where
+    :math:`p_i > 0 = q_i`.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> p, q = jnp.array([0.5, 0.5]), jnp.array([0.9, 0.1])
+      >>> print(jaxce.kl_divergence(p, q, base=2))
+      0.7369656
+    """
+    scale = log_base(base)
+    (p, q), mask, axes = _distributions(axis, where, p=p, q=q)
+    return jnp.sum(masked_fill(xlogy(p, p) - xlogy(p, q), mask, 0.0), axis=axes) / scale
+
+
+def softmax_entropy(
+    logits: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    base: float | None = None,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Entropy of :math:`\operatorname{softmax}(z)`, from the logits: :math:`-\sum_i p_i \log p_i`
+    with :math:`\log p = z - \operatorname{lse}(z)`.
+
+    :math:`-\infty` logits (impossible classes) are allowed: their term is exactly 0, in value
+    and gradient, and no :math:`\log 0` is ever taken.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> print(jaxce.softmax_entropy(jnp.array([0.0, 0.0, -jnp.inf]), base=2))
+      1.0
+    """
+    scale = log_base(base)
+    _, z, mask, axes = prepare(logits, axis, where, name="logits")
+    log_p = log_probabilities(z, mask, axes)
+    return -jnp.sum(xdiff(probabilities(z, mask, axes), log_p, 0.0), axis=axes) / scale
+
+
+def softmax_kl_divergence(
+    p_logits: ArrayLike,
+    q_logits: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    base: float | None = None,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r""":math:`D_{KL}(\operatorname{softmax}(z_p) \| \operatorname{softmax}(z_q))` from the logits.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> z = jnp.array([2.0, 1.0, 0.0])
+      >>> print(jaxce.softmax_kl_divergence(z, z))
+      0.0
+    """
+    scale = log_base(base)
+    (zp, zq), mask, axes = _distributions(axis, where, p_logits=p_logits, q_logits=q_logits)
+    log_p = log_probabilities(zp, mask, axes)
+    log_q = log_probabilities(zq, mask, axes)
+    return jnp.sum(xdiff(probabilities(zp, mask, axes), log_p, log_q), axis=axes) / scale

@@ -1,0 +1,727 @@
+r"""Cross-entropy losses on logits, with closed-form :math:`p - y` backward passes.
+
+One piece of mathematics serves every path (in place, blockwise in :mod:`jaxce._linear`, and
+sharded across a mesh axis). For one example with (softcapped) logits :math:`z`, class mask
+:math:`m`, class weights :math:`w` and labels :math:`y` (a distribution, or a one-hot picked
+by comparing an iota with the integer label), the effective target is
+
+.. math::
+    t_k = w_k\, m_k \big((1 - \varepsilon)\, y_k + \varepsilon / K_m\big),
+    \qquad K_m = \textstyle\sum_k m_k,
+
+and the loss, with :math:`T = \sum_k t_k` and :math:`\ell = \operatorname{lse}(z)`, is
+
+.. math::
+    L = \sum_k t_k (\ell - z_k) + \lambda_z \ell^2
+      = T \log s + \sum_k t_k (M - z_k) + \lambda_z \ell^2,
+
+with :math:`M = \max_k z_k` and :math:`s = \sum_k e^{z_k - M}`. Every term on the right is
+non-negative, so there is no cancellation even for logits of 1e4. Its gradient is
+
+.. math::
+    \frac{\partial L}{\partial z_k} = p_k (T + 2 \lambda_z \ell) - t_k,
+
+which is :math:`p - y` for a plain one-hot or distribution label. Everything a path needs
+is a max, and sums over classes; a sharded path combines them with ``pmax``/``psum``.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from ._information import xdiff
+from ._softmax import finite_or_zero, masked_fill, move_axes_last
+from ._validation import (
+    broadcast_mask,
+    canonical_axes,
+    check_floating,
+    check_integer,
+    check_nonnegative_option,
+    check_reduction,
+    check_shape,
+    check_softcap,
+    compute_dtype,
+    log_base,
+)
+
+
+class Spec(NamedTuple):
+    """The static options of a softmax cross-entropy (hashable: a ``nondiff_argnum``)."""
+
+    integer_labels: bool
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    logit_softcap: float | None = None
+    class_axis_name: Any = None
+
+
+class RowStats(NamedTuple):
+    """Per-example results of the forward pass (all of the batch shape)."""
+
+    loss: jax.Array  # sum_k t_k (lse - z_k) + z_loss * lse**2, in nats
+    logsumexp: jax.Array
+    target_mass: jax.Array  # T = sum_k t_k
+    correct: jax.Array  # 1.0 where the label's logit is the largest (integer labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives: no-ops on one device, pmax / psum over the class axis when it is sharded.
+
+
+def _class_sum(x: jax.Array, spec: Spec) -> jax.Array:
+    return x if spec.class_axis_name is None else lax.psum(x, spec.class_axis_name)
+
+
+def _class_max(x: jax.Array, spec: Spec) -> jax.Array:
+    return x if spec.class_axis_name is None else lax.pmax(x, spec.class_axis_name)
+
+
+def _class_offset(num_local: int, spec: Spec):
+    """Global id of the first local class: shard i holds the contiguous slice i*K_local + [0, K_local)."""
+    if spec.class_axis_name is None:
+        return 0
+    return lax.axis_index(spec.class_axis_name) * num_local
+
+
+def _class_ids(num_local: int, spec: Spec) -> jax.Array:
+    return lax.iota(jnp.int32, num_local) + _class_offset(num_local, spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared mathematics on a block of rows holding all (local) classes: z is [..., K_local].
+
+
+def softcap(z: jax.Array, spec: Spec) -> jax.Array:
+    r""":math:`c \tanh(z / c)` (Gemma 2's logit soft-capping), or ``z`` when no cap is set."""
+    c = spec.logit_softcap
+    return z if c is None else c * jnp.tanh(z / c)
+
+
+def _targets(z, labels, mask, class_weights, spec: Spec):
+    """``(u, t)``: the smoothed labels u (masked) and the weighted targets t = w * u."""
+    if spec.integer_labels:
+        y = (_class_ids(z.shape[-1], spec) == labels[..., None]).astype(z.dtype)
+    else:
+        y = labels.astype(z.dtype)
+    eps = spec.label_smoothing
+    if eps:
+        if mask is None:
+            num_classes = _class_sum(jnp.asarray(z.shape[-1], z.dtype), spec)
+        else:
+            num_classes = _class_sum(jnp.sum(mask, axis=-1, keepdims=True, dtype=z.dtype), spec)
+        y = (1.0 - eps) * y + eps / jnp.maximum(num_classes, 1.0)
+    u = masked_fill(y, mask, 0.0)
+    t = u if class_weights is None else u * class_weights
+    return u, t
+
+
+def _exp_shifted(z, mask, shift):
+    return masked_fill(jnp.exp(z - finite_or_zero(shift)[..., None]), mask, 0.0)
+
+
+def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
+    """Forward pass on raw logits ``z`` [..., K_local] (compute dtype): loss, lse, T, correct."""
+    z = masked_fill(softcap(z, spec), mask)
+    peak = _class_max(jnp.max(z, axis=-1), spec)
+    shift = finite_or_zero(peak)
+    log_sum = jnp.log(_class_sum(jnp.sum(_exp_shifted(z, None, peak), axis=-1), spec))
+    lse = log_sum + shift
+    _, t = _targets(z, labels, mask, class_weights, spec)
+    target_mass = _class_sum(jnp.sum(t, axis=-1), spec)
+    # sum_k t_k (M - z_k) >= 0: the gap to the peak, exactly 0 where t_k = 0 (even if z_k = -inf).
+    gap = _class_sum(jnp.sum(xdiff(t, shift[..., None], z), axis=-1), spec)
+    loss = target_mass * log_sum + gap
+    if spec.z_loss:  # (0 * lse**2 would be NaN for |lse| > 1.8e19 in float32)
+        loss = loss + spec.z_loss * lse**2
+    correct = jnp.zeros_like(lse)
+    if spec.integer_labels:
+        hit = _class_ids(z.shape[-1], spec) == labels[..., None]
+        found = _class_sum(jnp.sum(hit, axis=-1, dtype=jnp.int32), spec)
+        label_logit = _class_sum(jnp.sum(jnp.where(hit, z, 0.0), axis=-1), spec)
+        correct = (label_logit >= peak).astype(lse.dtype)
+        # A label outside [0, K) has no class: NaN, never a silent wrap to another class.
+        loss = jnp.where(found == 1, loss, jnp.nan)
+    return RowStats(loss, lse, target_mass, correct)
+
+
+def row_cotangents(z, labels, mask, class_weights, lse, target_mass, g_loss, g_lse, spec: Spec):
+    r"""Backward pass: ``(dz, dlabels, dclass_weights)`` from the closed form.
+
+    .. math:: dz_k = p_k \big(g (T + 2 \lambda_z \ell) + g_\ell\big) - g\, t_k,
+
+    times the softcap's derivative :math:`1 - (z'_k / c)^2`; masked classes get 0.
+    ``dlabels`` (soft labels) is :math:`-g (1 - \varepsilon) w \log p`; ``dclass_weights``
+    is :math:`-\sum_n g\, u \log p`, summed over the rows of this block.
+    """
+    capped = masked_fill(softcap(z, spec), mask)
+    u, t = _targets(capped, labels, mask, class_weights, spec)
+    p = _exp_shifted(capped, mask, lse)
+    coef = g_loss * (target_mass + 2.0 * spec.z_loss * finite_or_zero(lse)) + g_lse
+    dz = p * coef[..., None] - g_loss[..., None] * t
+    if spec.logit_softcap is not None:
+        dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
+    dz = masked_fill(dz, mask, 0.0)
+    neg_log_p = lambda a: xdiff(a, lse[..., None], capped)  # a * (lse - z), 0 where a = 0
+    dlabels = None
+    if not spec.integer_labels:
+        w = 1.0 if class_weights is None else class_weights
+        scale = masked_fill(jnp.broadcast_to((1.0 - spec.label_smoothing) * w, z.shape), mask, 0.0)
+        dlabels = g_loss[..., None] * neg_log_p(scale)
+    dweights = None
+    if class_weights is not None:
+        rows = tuple(range(z.ndim - 1))
+        dweights = jnp.sum(g_loss[..., None] * neg_log_p(u), axis=rows)
+    return dz, dlabels, dweights
+
+
+# ----------------------------------------------------------------------------------------------
+# The in-place path: a custom VJP over logits that hold every (local) class.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _rows(logits, labels, mask, class_weights, spec: Spec):
+    stats = row_stats(logits.astype(compute_dtype(logits.dtype)), labels, mask, class_weights, spec)
+    return stats.loss, stats.logsumexp, stats.correct
+
+
+def _rows_fwd(logits, labels, mask, class_weights, spec):
+    # The primal is recomputed here rather than by calling _rows, so that jax.hessian
+    # (forward-over-reverse) can differentiate this function.
+    stats = row_stats(logits.astype(compute_dtype(logits.dtype)), labels, mask, class_weights, spec)
+    residuals = (logits, labels, mask, class_weights, stats.logsumexp, stats.target_mass)
+    return (stats.loss, stats.logsumexp, stats.correct), residuals
+
+
+def _rows_bwd(spec, residuals, cotangents):
+    logits, labels, mask, class_weights, lse, target_mass = residuals
+    g_loss, g_lse, _ = cotangents  # `correct` is piecewise constant: no gradient
+    z = logits.astype(compute_dtype(logits.dtype))
+    dz, dlabels, dweights = row_cotangents(
+        z, labels, mask, class_weights, lse, target_mass, g_loss, g_lse, spec
+    )
+    if dlabels is not None:
+        dlabels = dlabels.astype(labels.dtype)
+    if dweights is not None:
+        dweights = dweights.astype(class_weights.dtype)
+    return dz.astype(logits.dtype), dlabels, None, dweights
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weighting and reduction, outside the custom VJP: autodiff covers sample weights and the
+# denominator, and the custom VJP sees the per-example cotangent.
+
+
+def _safe_divide(num, den):
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def reduce_losses(
+    loss, counted, norm, reduction: str, scale: float, batch_axis_name=None
+) -> jax.Array:
+    """Reduce per-example losses that are already 0 on the uncounted examples.
+
+    ``norm`` is each counted example's share of the mean's denominator; ``scale`` is ln(base).
+    ``batch_axis_name`` makes the sums global across a sharded batch.
+    """
+    if reduction == "none":
+        return loss / scale
+    total = jnp.sum(loss)
+    if batch_axis_name is not None:
+        total = lax.psum(total, batch_axis_name)
+    if reduction == "sum":
+        return total / scale
+    den = jnp.sum(jnp.where(counted, norm, 0.0))
+    if batch_axis_name is not None:
+        den = lax.psum(den, batch_axis_name)
+    return _safe_divide(total, den) / scale
+
+
+def label_class_weights(class_weights, labels, spec: Spec):
+    """:math:`w_{y_n}` by an O(N) gather from the local slice (0 for labels not held here)."""
+    num_local = class_weights.shape[0]
+    local = labels - _class_offset(num_local, spec)
+    held = (local >= 0) & (local < num_local)
+    picked = jnp.where(held, jnp.take(class_weights, jnp.clip(local, 0, num_local - 1)), 0.0)
+    return _class_sum(picked, spec)
+
+
+class Options(NamedTuple):
+    """Validated options shared by every softmax cross-entropy entry point."""
+
+    spec: Spec
+    scale: float
+    reduction: str
+    return_aux: bool
+    ignore_index: int | None
+    batch_axis_name: Any
+
+
+def make_options(
+    *,
+    integer_labels: bool,
+    label_smoothing,
+    z_loss,
+    logit_softcap,
+    base,
+    reduction,
+    return_aux,
+    ignore_index=None,
+    class_axis_name=None,
+    batch_axis_name=None,
+) -> Options:
+    check_reduction(reduction)
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+    ):
+        raise TypeError(f"ignore_index must be a Python int or None, got {ignore_index!r}")
+    spec = Spec(
+        integer_labels=integer_labels,
+        label_smoothing=check_nonnegative_option("label_smoothing", label_smoothing, upper=1.0),
+        z_loss=check_nonnegative_option("z_loss", z_loss),
+        logit_softcap=check_softcap(logit_softcap),
+        class_axis_name=class_axis_name,
+    )
+    return Options(spec, log_base(base), reduction, bool(return_aux), ignore_index, batch_axis_name)
+
+
+def check_weights(class_weights, sample_weights, num_classes, batch_shape):
+    """Validate and upcast the optional weights; class weights come back with shape (K,)."""
+    if class_weights is not None:
+        class_weights = jnp.asarray(class_weights)
+        check_floating("class_weights", class_weights)
+        if class_weights.size != num_classes or class_weights.ndim == 0:
+            raise ValueError(
+                f"class_weights shape {class_weights.shape} does not match the {num_classes} classes"
+            )
+        class_weights = class_weights.reshape(-1).astype(compute_dtype(class_weights.dtype))
+    if sample_weights is not None:
+        sample_weights = jnp.asarray(sample_weights)
+        check_floating("sample_weights", sample_weights)
+        check_shape("sample_weights", sample_weights, batch_shape, "the batch shape")
+        sample_weights = sample_weights.astype(compute_dtype(sample_weights.dtype))
+    return class_weights, sample_weights
+
+
+def finish(stats_loss, lse, correct, labels, counted, class_weights, sample_weights, opts: Options):
+    """Apply sample weights, reduction and base; build the aux dict. Shared by every path."""
+    spec = opts.spec
+    # Zero the uncounted rows before weighting: their loss may be NaN (an ignored label matches
+    # no class) and must not reach the sample weights' gradient (the double where).
+    loss = jnp.where(counted, stats_loss, 0.0)
+    norm = jnp.ones_like(loss)
+    if spec.integer_labels and class_weights is not None:
+        norm = label_class_weights(class_weights, labels, spec)
+    if sample_weights is not None:
+        loss, norm = loss * sample_weights, norm * sample_weights
+    out = reduce_losses(loss, counted, norm, opts.reduction, opts.scale, opts.batch_axis_name)
+    if not opts.return_aux:
+        return out
+    aux = {"logsumexp": lse, "z_loss": spec.z_loss * lse**2 / opts.scale}
+    if spec.integer_labels:
+        aux["correct"] = (correct > 0.5) & counted
+    return out, aux
+
+
+def counted_rows(labels, mask, opts: Options):
+    """Examples that count: not ``ignore_index``, and with at least one unmasked class."""
+    counted = True
+    if mask is not None:
+        held = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+        counted = _class_sum(held, opts.spec) > 0
+    if opts.spec.integer_labels and opts.ignore_index is not None:
+        counted = counted & (labels != opts.ignore_index)
+    shape = labels.shape if opts.spec.integer_labels else labels.shape[:-1]
+    return jnp.broadcast_to(counted, shape)
+
+
+def _logits_in_rows(logits, axis, where, name="logits"):
+    logits = jnp.asarray(logits)
+    check_floating(name, logits)
+    axes = canonical_axes(axis, logits.ndim)
+    mask = broadcast_mask(where, logits.shape, axes)
+    batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
+    flat = move_axes_last(logits, axes)
+    return flat, (None if mask is None else move_axes_last(mask, axes)), axes, batch_shape
+
+
+_OPTION_DOC = r"""
+      where: boolean mask broadcastable to ``logits`` (a mask of the batch shape masks whole
+        examples, as in optax). Masked classes take no part; a fully masked example has loss 0,
+        gradient 0, and does not count in ``"mean"``.
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; targets become
+        :math:`(1 - \varepsilon) y + \varepsilon / K` over the unmasked classes.
+      class_weights: shape ``[K]``; weight :math:`w_k` multiplies class k's term.
+      sample_weights: the batch shape; multiplies each example's loss.
+      z_loss: :math:`\lambda_z \ge 0`; adds :math:`\lambda_z \operatorname{lse}(z)^2` per example
+        (PaLM's auxiliary loss).
+      logit_softcap: :math:`c > 0`; logits pass through :math:`c \tanh(z / c)` first (Gemma 2).
+      base: logarithm base of the loss (``None`` nats, ``2`` bits, ``10`` hartleys); loss and
+        gradient are divided by :math:`\ln b`.
+      reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"`` (over counted examples; 0 if
+        none counts).
+      return_aux: also return a dict with per-example ``logsumexp``, the ``z_loss`` term and
+        (integer labels) ``correct``: whether the label's logit is the largest.
+      class_axis_name: inside ``shard_map``, the mesh axis over which the class axis is split
+        (each device holds a contiguous slice, in device order); the losses combine O(N)
+        statistics with ``pmax``/``psum`` and give the single-device numbers.
+      batch_axis_name: the mesh axis over which the batch is split; ``"sum"`` and ``"mean"``
+        become global.
+"""
+
+
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    where: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    base: float | None = None,
+    reduction: str = "none",
+    return_aux: bool = False,
+    class_axis_name: Any = None,
+    batch_axis_name: Any = None,
+):
+    r"""Softmax cross-entropy against label distributions: :math:`-\sum_k y_k \log p_k`.
+
+    Args:
+      logits: floating logits; ``axis`` holds the K classes.
+      labels: probabilities of the same shape (differentiable: distillation works).
+      axis: the class axis or axes (several are flattened, C order).
+    """ + _OPTION_DOC + r"""
+    Returns:
+      The loss in float32 (or wider): per example (the batch shape) or a scalar; with
+      ``return_aux`` the pair ``(loss, aux)``.
+
+    Note:
+      The backward pass is the closed form :math:`g (p \sum_k y_k - y)` for the logits and
+      :math:`-g \log p` for the labels, from a custom VJP that keeps only the logits, the
+      labels and the logsumexp. A :math:`-\infty` logit whose label is 0 gives a finite loss
+      and zero gradient (optax gives NaN there); a :math:`+\infty` logit gives NaN.
+      bf16/f16 logits are computed in float32; the gradient has the logits' dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> logits = jnp.array([2.0, 1.0, 0.0])
+      >>> print(jaxce.softmax_cross_entropy(logits, jnp.array([1.0, 0.0, 0.0])))
+      0.407606
+      >>> print(jaxce.softmax_cross_entropy(logits, jnp.array([1.0, 0.0, 0.0]), base=10))
+      0.177021
+    """
+    opts = make_options(
+        integer_labels=False,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        base=base,
+        reduction=reduction,
+        return_aux=return_aux,
+        class_axis_name=class_axis_name,
+        batch_axis_name=batch_axis_name,
+    )
+    logits_in = jnp.asarray(logits)
+    z, mask, axes, batch_shape = _logits_in_rows(logits_in, axis, where)
+    labels = jnp.asarray(labels)
+    check_floating("labels", labels)
+    check_shape("labels", labels, logits_in.shape, "logits shape")
+    y = move_axes_last(labels, axes)
+    class_weights, sample_weights = check_weights(
+        class_weights, sample_weights, z.shape[-1], batch_shape
+    )
+    loss, lse, correct = _rows(z, y, mask, class_weights, opts.spec)
+    counted = counted_rows(y, mask, opts)
+    return finish(loss, lse, correct, y, counted, class_weights, sample_weights, opts)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    where: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    base: float | None = None,
+    reduction: str = "none",
+    return_aux: bool = False,
+    class_axis_name: Any = None,
+    batch_axis_name: Any = None,
+):
+    r"""Softmax cross-entropy against integer labels: :math:`\operatorname{lse}(z) - z_y`.
+
+    Args:
+      logits: floating logits; ``axis`` holds the K classes.
+      labels: integer class ids of the batch shape (the logits' shape without ``axis``; with
+        several class axes, a flat C-order index into them).
+      axis: the class axis or axes.
+      ignore_index: examples whose label equals it get loss 0 and gradient 0, and do not
+        count in ``"mean"``.
+    """ + _OPTION_DOC + r"""
+    Returns:
+      The loss in float32 (or wider): per example or a scalar; with ``return_aux`` the pair
+      ``(loss, aux)``. With ``class_weights`` and ``"mean"`` the mean divides by the sum of
+      the counted examples' :math:`w_{y_n}` (times their sample weights): PyTorch's semantics.
+
+    Note:
+      The backward pass is :math:`g (p - t)` from a custom VJP, the target t built by comparing
+      an iota with the labels (no one-hot). A label outside ``[0, K)`` that is not
+      ``ignore_index`` gives NaN (never a silent wrap to another class; :func:`jaxce.checked`
+      raises instead); a label on a masked class gives :math:`+\infty`.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> logits = jnp.array([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
+      >>> print(jaxce.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1])))
+      [0.407606 1.407606]
+      >>> print(jaxce.softmax_cross_entropy_with_integer_labels(
+      ...     logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean"))
+      0.407606
+    """
+    opts = make_options(
+        integer_labels=True,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        base=base,
+        reduction=reduction,
+        return_aux=return_aux,
+        ignore_index=ignore_index,
+        class_axis_name=class_axis_name,
+        batch_axis_name=batch_axis_name,
+    )
+    z, mask, axes, batch_shape = _logits_in_rows(logits, axis, where)
+    labels = jnp.asarray(labels)
+    check_integer("labels", labels)
+    check_shape("labels", labels, batch_shape, f"logits shape without axis {axis}")
+    class_weights, sample_weights = check_weights(
+        class_weights, sample_weights, z.shape[-1], batch_shape
+    )
+    loss, lse, correct = _rows(z, labels, mask, class_weights, opts.spec)
+    counted = counted_rows(labels, mask, opts)
+    return finish(loss, lse, correct, labels, counted, class_weights, sample_weights, opts)
+
+
+def nll_loss(
+    log_probs: ArrayLike,
+    labels: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    where: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    reduction: str = "none",
+    base: float | None = None,
+) -> jax.Array:
+    r"""Negative log-likelihood on log-probabilities: :math:`-w_y \log p_y`.
+
+    The notes' "log-likelihood" objective (PyTorch's ``nll_loss``):
+    ``nll_loss(log_softmax(z), y)`` equals
+    :func:`softmax_cross_entropy_with_integer_labels` for every option they share.
+
+    Args:
+      log_probs: floating log-probabilities; ``axis`` holds the K classes.
+      labels: integer class ids of the batch shape.
+      axis, where, ignore_index, class_weights, sample_weights, reduction, base: as in
+        :func:`softmax_cross_entropy_with_integer_labels`.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> log_p = jnp.log(jnp.array([[0.0508, 0.9492], [0.8360, 0.1640]]))
+      >>> print(jaxce.nll_loss(log_p, jnp.array([0, 0]), base=2))
+      [4.2990 0.2584]
+    """
+    opts = make_options(
+        integer_labels=True,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        logit_softcap=None,
+        base=base,
+        reduction=reduction,
+        return_aux=False,
+        ignore_index=ignore_index,
+    )
+    lp, mask, _, batch_shape = _logits_in_rows(log_probs, axis, where, name="log_probs")
+    labels = jnp.asarray(labels)
+    check_integer("labels", labels)
+    check_shape("labels", labels, batch_shape, f"log_probs shape without axis {axis}")
+    class_weights, sample_weights = check_weights(
+        class_weights, sample_weights, lp.shape[-1], batch_shape
+    )
+    lp = masked_fill(lp.astype(compute_dtype(lp.dtype)), mask)
+    hit = _class_ids(lp.shape[-1], opts.spec) == labels[..., None]
+    loss = -jnp.sum(jnp.where(hit, lp, 0.0), axis=-1)
+    if class_weights is not None:
+        loss = loss * label_class_weights(class_weights, labels, opts.spec)
+    loss = jnp.where(jnp.sum(hit, axis=-1) == 1, loss, jnp.nan)
+    counted = counted_rows(labels, mask, opts)
+    return finish(loss, None, None, labels, counted, class_weights, sample_weights, opts)
+
+
+@jax.custom_vjp
+def _binary_cross_entropy(z, y, pos_weight):
+    return _binary_cross_entropy_fwd(z, y, pos_weight)[0]
+
+
+def _nonzero_times(a, x):
+    # a * x, exactly 0 where a == 0 even when x is infinite (a weight of 0 removes the term).
+    return jnp.where(a != 0, a * jnp.where(a != 0, x, 0.0), 0.0)
+
+
+def _binary_cross_entropy_fwd(z, y, pos_weight):
+    # pos_weight * y * softplus(-z) + (1 - y) * softplus(z): -log(sigmoid) and -log(1 - sigmoid)
+    # without forming the sigmoid; finite for any z with labels that put no mass on the
+    # impossible side (z = +inf, y = 1 gives 0).
+    loss = _nonzero_times(pos_weight * y, jax.nn.softplus(-z)) + _nonzero_times(
+        1.0 - y, jax.nn.softplus(z)
+    )
+    return loss, (z, y, pos_weight)
+
+
+def _binary_cross_entropy_bwd(residuals, g):
+    z, y, pos_weight = residuals
+    a = pos_weight * y
+    dz = g * (jax.nn.sigmoid(z) * (a + 1.0 - y) - a)
+    dy = _nonzero_times(g, pos_weight * jax.nn.softplus(-z) - jax.nn.softplus(z))
+    dpos = _nonzero_times(g, _nonzero_times(y, jax.nn.softplus(-z)))
+    return dz, dy, dpos
+
+
+_binary_cross_entropy.defvjp(_binary_cross_entropy_fwd, _binary_cross_entropy_bwd)
+
+
+def _broadcast_operand(name, x, shape, dtype):
+    x = jnp.asarray(x)
+    check_floating(name, x)
+    try:
+        return jnp.broadcast_to(x.astype(dtype), shape)
+    except ValueError:
+        raise ValueError(f"{name} shape {x.shape} is not broadcastable to logits shape {shape}") from None
+
+
+def sigmoid_binary_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    pos_weight: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    base: float | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Binary cross-entropy of a sigmoid, elementwise (also multi-label: one sigmoid per class).
+
+    .. math::
+        e = -\big(\beta\, y \log \sigma(z) + (1 - y) \log(1 - \sigma(z))\big),
+        \qquad \frac{\partial e}{\partial z} = \sigma(z) (\beta y + 1 - y) - \beta y
+
+    which is :math:`\sigma(z) - y` for :math:`\beta = 1`: the sigmoid's derivative cancels, so
+    a confidently wrong prediction still learns fast (REFERENCE.md section 4).
+
+    Args:
+      logits: floating logits.
+      labels: targets in [0, 1], broadcastable to ``logits`` (differentiable).
+      where: boolean mask broadcastable to ``logits``; masked elements give 0 and do not count.
+      pos_weight: :math:`\beta`, the weight of the positive term (PyTorch's ``pos_weight``),
+        broadcastable to ``logits`` (e.g. one per class).
+      sample_weights: broadcastable to ``logits``; multiplies each element's loss.
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; labels become
+        :math:`(1 - \varepsilon) y + \varepsilon / 2`.
+      base: logarithm base; loss and gradient are divided by :math:`\ln b`.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over unmasked elements, weighted).
+
+    Returns:
+      The loss in float32 (or wider), elementwise or reduced.
+
+    Note:
+      Finite for any logit, :math:`\pm\infty` included, whenever the label allows it:
+      :math:`z = +\infty` with :math:`y = 1` gives loss 0 and gradient 0.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> z = jnp.log(jnp.array([0.98 / 0.02, 0.0001 / 0.9999]))  # sigmoid(z) = 0.98, 0.0001
+      >>> print(jaxce.sigmoid_binary_cross_entropy(z, jnp.array([1.0, 1.0]), base=2).round(5))
+      [ 0.02915 13.28771]
+    """
+    check_reduction(reduction)
+    scale = log_base(base)
+    eps = check_nonnegative_option("label_smoothing", label_smoothing, upper=1.0)
+    z = jnp.asarray(logits)
+    check_floating("logits", z)
+    dtype = compute_dtype(z.dtype)
+    y = jnp.asarray(labels)
+    check_floating("labels", y)
+    try:
+        shape = jnp.broadcast_shapes(z.shape, y.shape)
+    except ValueError:
+        raise ValueError(f"labels shape {y.shape} does not broadcast with logits shape {z.shape}") from None
+    z, y = jnp.broadcast_to(z.astype(dtype), shape), jnp.broadcast_to(y.astype(dtype), shape)
+    if eps:
+        y = (1.0 - eps) * y + eps / 2.0
+    beta = jnp.ones(shape, dtype) if pos_weight is None else _broadcast_operand(
+        "pos_weight", pos_weight, shape, dtype
+    )
+    loss = _binary_cross_entropy(z, y, beta)
+    counted = jnp.ones(shape, bool) if where is None else broadcast_mask(where, shape, ())
+    loss = jnp.where(counted, loss, 0.0)
+    norm = jnp.ones(shape, dtype)
+    if sample_weights is not None:
+        weights = _broadcast_operand("sample_weights", sample_weights, shape, dtype)
+        loss, norm = loss * weights, norm * weights
+    return reduce_losses(loss, counted, norm, reduction, scale)
+
+
+def softmax_cross_entropy_hvp(
+    logits: ArrayLike,
+    v: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    r"""Hessian-vector product of softmax cross-entropy in the logits, in O(K) memory.
+
+    .. math:: H v = (\operatorname{diag}(p) - p p^\top) v = p \odot v - p \langle p, v \rangle
+
+    (for labels summing to 1; the Hessian does not depend on them). It is also the Fisher /
+    Gauss-Newton product for the logits. No K x K matrix is formed.
+
+    Args:
+      logits: floating logits.
+      v: the vector(s), same shape as ``logits``.
+      axis: the class axis or axes.
+      where: boolean mask broadcastable to ``logits``; masked classes give 0.
+
+    Returns:
+      :math:`H v` of ``logits``' shape, in float32 (or wider).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> print(jaxce.softmax_cross_entropy_hvp(jnp.zeros(2), jnp.array([1.0, 0.0])))
+      [ 0.25 -0.25]
+    """
+    from ._softmax import prepare, probabilities
+
+    _, z, mask, axes = prepare(logits, axis, where, name="logits")
+    v = jnp.asarray(v)
+    check_floating("v", v)
+    check_shape("v", v, z.shape, "logits shape")
+    p = probabilities(z, mask, axes)
+    pv = p * v.astype(z.dtype)
+    return pv - p * jnp.sum(pv, axis=axes, keepdims=True)

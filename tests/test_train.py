@@ -1,0 +1,217 @@
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import optax
+import pytest
+
+from jaxce import train
+from jaxce.datasets import load_iris
+
+
+@pytest.fixture(scope="module")
+def iris_split():
+    """The default run's data: stratified 70/30 split, standardised with train statistics."""
+    iris = load_iris()
+    tr, te = train.split_stratified(iris.labels, test_fraction=0.3, seed=0)
+    x_train, mean, std = train.standardize(iris.features[tr])
+    x_test, _, _ = train.standardize(iris.features[te], mean=mean, std=std)
+    return x_train, iris.labels[tr], x_test, iris.labels[te], iris.class_names
+
+
+def _accuracy(params, x, y):
+    return float(np.mean(train.predict(params, x) == y))
+
+
+def test_default_cli_run_reaches_bar(capsys):
+    status = train.main([])
+    out, err = capsys.readouterr()
+    assert status == 0, out + err
+    accuracy = float(re.search(r"test accuracy (\d\.\d+) >= 0.93: OK", out).group(1))
+    assert accuracy >= train.IRIS_ACCURACY_BAR
+    assert "setosa" in out and "steps/s" in out and "JAX backend" in out
+    assert "nats" in err and "bits" in err  # the progress bar
+
+
+def test_fit_softmax_api(iris_split):
+    x_train, y_train, x_test, y_test, _ = iris_split
+    params, history = train.fit(x_train, y_train, steps=500, eval_set=(x_test, y_test))
+    assert params["w"].shape == (4, 3) and params["b"].shape == (3,)
+    assert history.loss.shape == history.accuracy.shape == history.eval_loss.shape == (500,)
+    assert history.loss[-1] < 0.1 < np.log(3) - 0.05 < history.loss[0]
+    assert history.final_loss <= history.loss[-1]
+    assert _accuracy(params, x_test, y_test) >= 0.93
+    assert history.eval_accuracy[-1] == pytest.approx(_accuracy(params, x_test, y_test))
+    proba = np.asarray(train.predict_proba(params, x_test))
+    assert proba.shape == (45, 3)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("positive, bar", [("setosa", 1.0), ("virginica", 0.93)])
+def test_logistic_one_vs_rest(iris_split, positive, bar):
+    x_train, y_train, x_test, y_test, class_names = iris_split
+    k = class_names.index(positive)
+    yb_train, yb_test = (y_train == k).astype(np.int32), (y_test == k).astype(np.int32)
+    params, history = train.fit(x_train, yb_train, model="logistic", steps=500)
+    assert params["w"].shape == (4,) and params["b"].shape == ()
+    assert _accuracy(params, x_test, yb_test) >= bar
+    assert np.asarray(train.predict_proba(params, x_test)).shape == (45, 2)
+
+
+def test_same_loss_curve_as_optax(iris_split):
+    x_train, y_train = iris_split[:2]
+
+    def optax_loss(logits, labels):
+        return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    ours = train.fit(x_train, y_train, steps=300)
+    theirs = train.fit(x_train, y_train, steps=300, loss_fn=optax_loss)
+    np.testing.assert_allclose(ours.history.loss, theirs.history.loss, rtol=1e-5)
+    np.testing.assert_allclose(ours.params["w"], theirs.params["w"], rtol=1e-4, atol=1e-5)
+
+
+def test_same_loss_curve_as_optax_logistic(iris_split):
+    x_train, y_train = iris_split[:2]
+    y = (y_train == 2).astype(np.int32)
+
+    def optax_loss(logits, labels):
+        return optax.losses.sigmoid_binary_cross_entropy(logits, labels).mean()
+
+    ours = train.fit(x_train, y, model="logistic", steps=300)
+    theirs = train.fit(x_train, y, model="logistic", steps=300, loss_fn=optax_loss)
+    np.testing.assert_allclose(ours.history.loss, theirs.history.loss, rtol=1e-5)
+
+
+def test_chunks_that_overrun_steps_change_nothing(iris_split):
+    # 7 steps in chunks of 3 runs 9 scanned steps; the last two must be no-ops.
+    x_train, y_train = iris_split[:2]
+    calls = []
+    a = train.fit(x_train, y_train, steps=7, chunk_size=3, callback=lambda *c: calls.append(c))
+    b = train.fit(x_train, y_train, steps=7, chunk_size=7)
+    assert [c[0] for c in calls] == [3, 6, 7]
+    assert len(a.history.loss) == 7
+    np.testing.assert_allclose(a.history.loss, b.history.loss, rtol=1e-6)
+    np.testing.assert_allclose(a.params["w"], b.params["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw", "lbfgs"])
+def test_other_optimizers(iris_split, optimizer):
+    x_train, y_train, x_test, y_test, _ = iris_split
+    steps = 50 if optimizer == "lbfgs" else 300
+    params, history = train.fit(
+        x_train, y_train, steps=steps, optimizer=optimizer, weight_decay=1e-3
+    )
+    assert np.all(np.isfinite(history.loss))
+    assert _accuracy(params, x_test, y_test) >= 0.9
+
+
+def test_split_and_standardize():
+    labels = load_iris().labels
+    tr, te = train.split_stratified(labels, test_fraction=0.3, seed=1)
+    assert np.intersect1d(tr, te).size == 0 and len(tr) + len(te) == 150
+    np.testing.assert_array_equal(np.bincount(labels[te]), [15, 15, 15])
+    tr2, _ = train.split_stratified(labels, test_fraction=0.3, seed=1)
+    tr3, _ = train.split_stratified(labels, test_fraction=0.3, seed=2)
+    assert np.array_equal(tr, tr2) and not np.array_equal(tr, tr3)
+    with pytest.raises(ValueError, match=r"test fraction must be in \(0, 1\)"):
+        train.split_stratified(labels, test_fraction=1.0)
+    z, mean, std = train.standardize(load_iris().features)
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=0), 1, rtol=1e-5)
+
+
+def test_confusion_matrix_table():
+    counts = train.confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2]), 3)
+    np.testing.assert_array_equal(counts, [[1, 0, 0], [0, 0, 1], [0, 0, 2]])
+    table = train.format_confusion_matrix(counts, ["a", "bb", "c"])
+    assert table.splitlines()[2].split() == ["bb", "0", "0", "1"]
+
+
+def test_plain_progress_lines_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert train.main(["--steps", "40", "--min-accuracy", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^step 40/40: loss \d\.\d+ nats = \d\.\d+ bits, accuracy", err, re.M)
+
+
+BAD_CSV = {
+    "missing": None,
+    "no_target": "a,b\n1,2\n",
+    "text": "a,label\n1,x\nhello,y\n",
+    "nan": "a,label\n1,x\nNaN,y\n",
+    "one_class": "a,label\n1,x\n2,x\n",
+}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--csv", "{missing}", "--target", "label"], "no such file"),
+        (["--csv", "{no_target}", "--target", "label"], "columns present: a, b"),
+        (["--csv", "{text}", "--target", "label"], "column 'a' row 2: 'hello' is not a finite"),
+        (["--csv", "{nan}", "--target", "label"], "column 'a' row 2: 'NaN' is not a finite"),
+        (["--csv", "{one_class}", "--target", "label"], "has only one class ('x')"),
+        (
+            ["--model", "logistic", "--positive-class", "rose"],
+            "unknown positive class 'rose'; classes: setosa, versicolor, virginica",
+        ),
+        (["--steps", "0"], "--steps must be positive, got 0"),
+        (["--steps", "-5"], "--steps must be positive, got -5"),
+        (["--test-fraction", "0"], "--test-fraction must be in (0, 1), got 0.0"),
+        (["--test-fraction", "1.5"], "--test-fraction must be in (0, 1), got 1.5"),
+        (["--csv", "{text}"], "--csv PATH and --target COLUMN go together"),
+        (["--positive-class", "setosa"], "--positive-class applies only to --model logistic"),
+        (["--model", "tree"], "invalid choice: 'tree'"),
+        (["--steps", "many"], "invalid int value: 'many'"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
+    paths = {}
+    for name, text in BAD_CSV.items():
+        paths[name] = str(tmp_path / f"{name}.csv")
+        if text is not None:
+            (tmp_path / f"{name}.csv").write_text(text)
+    status = train.main([arg.format(**paths) for arg in argv])
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("jaxce-train: error: ")
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_end_to_end_subprocess_on_csv(tmp_path):
+    rng = np.random.default_rng(0)
+    centers = {"red": (0.0, 0.0, 0.0), "green": (4.0, 0.0, 1.0), "blue": (0.0, 4.0, -1.0)}
+    lines = ["f1,label,f2,f3"]
+    for name, (a, b, c) in centers.items():
+        for x in rng.normal(size=(40, 3)) + (a, b, c):
+            lines.append(f"{x[0]:.4f},{name},{x[1]:.4f},{x[2]:.4f}")
+    csv_path = tmp_path / "tmp.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    out_dir = tmp_path / "out"
+    argv = ["--csv", str(csv_path), "--target", "label", "--steps", "50", "--out", str(out_dir)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxce.train", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=pathlib.Path(__file__).resolve().parent.parent,  # finds jaxce even if not installed
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["class_names"] == ["blue", "green", "red"]
+    assert metrics["feature_names"] == ["f1", "f2", "f3"]
+    assert metrics["n_train"] + metrics["n_test"] == 120
+    assert metrics["test_accuracy"] >= 0.9
+    assert len(metrics["history"]["loss"]) == 50
+    assert np.sum(metrics["confusion_matrix"]) == metrics["n_test"]
+    with np.load(out_dir / "params.npz") as params:
+        assert params["w"].shape == (3, 3) and params["mean"].shape == (3,)
+        assert list(params["class_names"]) == ["blue", "green", "red"]
+    assert (out_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
