@@ -121,7 +121,8 @@ def _parse(lines: Iterable[str], *, target: str, source: str) -> Dataset:
                 value = math.nan
             if not math.isfinite(value):
                 raise ValueError(
-                    f"{source}: column {header[i]!r} row {r}: {field.strip()!r} is not a finite number"
+                    f"{source}: column {header[i]!r} row {r}: "
+                    f"{field.strip()!r} is not a finite number"
                 )
             values.append(value)
         rows.append(values)

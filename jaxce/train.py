@@ -532,7 +532,9 @@ def run(args: argparse.Namespace) -> int:
         class_names = (f"not {positive}", positive)
     # Split on the original classes, so every model sees the same rows.
     try:
-        train, test = split_stratified(data.labels, test_fraction=args.test_fraction, seed=args.seed)
+        train, test = split_stratified(
+            data.labels, test_fraction=args.test_fraction, seed=args.seed
+        )
     except ValueError as e:
         raise _UsageError(str(e)) from None
     x_train, mean, std = standardize(data.features[train])
@@ -609,7 +611,8 @@ def run(args: argparse.Namespace) -> int:
     if bar is None:
         return 0
     ok = test_accuracy >= bar
-    print(f"test accuracy {test_accuracy:.3f} {'>=' if ok else '<'} {bar}: {'OK' if ok else 'FAIL'}")
+    verdict = f">= {bar}: OK" if ok else f"< {bar}: FAIL"
+    print(f"test accuracy {test_accuracy:.3f} {verdict}")
     return 0 if ok else 1
 
 
