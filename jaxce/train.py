@@ -496,7 +496,11 @@ class _Progress:
             except ImportError:
                 pass
             else:
-                self.bar = tqdm(total=self.total, desc="training", unit="step", file=sys.stderr)
+                self.bar = tqdm(
+                    total=self.total, desc="training", file=sys.stderr,
+                    # No rate: per-chunk syncs skew it; the report gives the real steps/s.
+                    bar_format="{desc} {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt}{postfix}",
+                )  # fmt: skip
         text = f"loss {loss:.4f} nats = {loss / math.log(2):.4f} bits, accuracy {accuracy:.3f}"
         if self.bar is None:
             print(f"step {step:>{len(str(self.total))}}/{self.total}: {text}", file=sys.stderr)
