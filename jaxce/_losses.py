@@ -102,38 +102,52 @@ def softcap(z: jax.Array, spec: Spec) -> jax.Array:
     return z if c is None else c * jnp.tanh(z / c)
 
 
-def _targets(z, labels, mask, class_weights, spec: Spec):
-    """``(u, t)``: the smoothed labels u (masked) and the weighted targets t = w * u."""
+def possible_classes(z, mask):
+    """The classes that can have probability > 0: unmasked, with a logit above -inf.
+
+    A -inf logit is an impossible class (before the softcap, which would map it to the finite
+    -c): it gets probability 0 and label smoothing spreads no mass onto it.
+    """
+    possible = z > -jnp.inf
+    return possible if mask is None else possible & mask
+
+
+def _targets(labels, mask, possible, class_weights, spec: Spec, dtype):
+    """``(u, t)``: the smoothed labels u and the weighted targets t = w * u.
+
+    Soft labels are masked by the user's ``mask`` (masked entries take no part, as in optax);
+    an integer label is never masked away, so a label on a masked or -inf class meets a -inf
+    logit and gives +inf (probability 0), not a silent 0.
+    """
     if spec.integer_labels:
-        y = (_class_ids(z.shape[-1], spec) == labels[..., None]).astype(z.dtype)
+        u = (_class_ids(possible.shape[-1], spec) == labels[..., None]).astype(dtype)
     else:
-        y = labels.astype(z.dtype)
+        u = masked_fill(labels.astype(dtype), mask, 0.0)
     eps = spec.label_smoothing
     if eps:
-        if mask is None:
-            num_classes = _class_sum(jnp.asarray(z.shape[-1], z.dtype), spec)
-        else:
-            num_classes = _class_sum(jnp.sum(mask, axis=-1, keepdims=True, dtype=z.dtype), spec)
-        y = (1.0 - eps) * y + eps / jnp.maximum(num_classes, 1.0)
-    u = masked_fill(y, mask, 0.0)
+        num_possible = _class_sum(jnp.sum(possible, axis=-1, keepdims=True, dtype=dtype), spec)
+        u = (1.0 - eps) * u + jnp.where(possible, eps / jnp.maximum(num_possible, 1.0), 0.0)
     t = u if class_weights is None else u * class_weights
     return u, t
 
 
-def _exp_shifted(z, mask, shift):
-    return masked_fill(jnp.exp(z - finite_or_zero(shift)[..., None]), mask, 0.0)
+def _exp_shifted(z, shift):
+    # exp(z - shift) for -inf-masked z; an empty row (shift -inf) gives exp(-inf - 0) = 0.
+    return jnp.exp(z - finite_or_zero(shift)[..., None])
 
 
 def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
     """Forward pass on raw logits ``z`` [..., K_local] (compute dtype): loss, lse, T, correct."""
-    z = masked_fill(softcap(z, spec), mask)
+    possible = possible_classes(z, mask)
+    z = masked_fill(softcap(z, spec), possible)
     peak = _class_max(jnp.max(z, axis=-1), spec)
     shift = finite_or_zero(peak)
-    log_sum = jnp.log(_class_sum(jnp.sum(_exp_shifted(z, None, peak), axis=-1), spec))
+    log_sum = jnp.log(_class_sum(jnp.sum(_exp_shifted(z, peak), axis=-1), spec))
     lse = log_sum + shift
-    _, t = _targets(z, labels, mask, class_weights, spec)
+    _, t = _targets(labels, mask, possible, class_weights, spec, z.dtype)
     target_mass = _class_sum(jnp.sum(t, axis=-1), spec)
-    # sum_k t_k (M - z_k) >= 0: the gap to the peak, exactly 0 where t_k = 0 (even if z_k = -inf).
+    # sum_k t_k (M - z_k) >= 0: the gap to the peak; exactly 0 where t_k = 0 (even if z_k = -inf),
+    # +inf where a target puts mass on an impossible class.
     gap = _class_sum(jnp.sum(xdiff(t, shift[..., None], z), axis=-1), spec)
     loss = target_mass * log_sum + gap
     if spec.z_loss:  # (0 * lse**2 would be NaN for |lse| > 1.8e19 in float32)
@@ -154,28 +168,31 @@ def row_cotangents(z, labels, mask, class_weights, lse, target_mass, g_loss, g_l
 
     .. math:: dz_k = p_k \big(g (T + 2 \lambda_z \ell) + g_\ell\big) - g\, t_k,
 
-    times the softcap's derivative :math:`1 - (z'_k / c)^2`; masked classes get 0.
-    ``dlabels`` (soft labels) is :math:`-g (1 - \varepsilon) w \log p`; ``dclass_weights``
-    is :math:`-\sum_n g\, u \log p`, summed over the rows of this block.
+    times the softcap's derivative :math:`1 - (z'_k / c)^2`; impossible classes get 0.
+    ``dlabels`` (soft labels) is :math:`-g (1 - \varepsilon) w \log p` (0 where masked);
+    ``dclass_weights`` is :math:`-\sum_n g\, u \log p`, summed over the rows of this block.
     """
-    capped = masked_fill(softcap(z, spec), mask)
-    u, t = _targets(capped, labels, mask, class_weights, spec)
-    p = _exp_shifted(capped, mask, lse)
+    possible = possible_classes(z, mask)
+    capped = masked_fill(softcap(z, spec), possible)
+    u, t = _targets(labels, mask, possible, class_weights, spec, z.dtype)
+    p = _exp_shifted(capped, lse)
     coef = g_loss * (target_mass + 2.0 * spec.z_loss * finite_or_zero(lse)) + g_lse
     dz = p * coef[..., None] - g_loss[..., None] * t
     if spec.logit_softcap is not None:
         dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
-    dz = masked_fill(dz, mask, 0.0)
-    neg_log_p = lambda a: xdiff(a, lse[..., None], capped)  # a * (lse - z), 0 where a = 0
+    dz = masked_fill(dz, possible, 0.0)
+    g = g_loss[..., None]
+    # g * a * (lse - z): exactly 0 where g * a = 0 (uncounted rows, zero targets), +inf where a
+    # target meets an impossible class.
+    neg_log_p = lambda a: xdiff(g * a, lse[..., None], capped)
     dlabels = None
     if not spec.integer_labels:
         w = 1.0 if class_weights is None else class_weights
-        scale = masked_fill(jnp.broadcast_to((1.0 - spec.label_smoothing) * w, z.shape), mask, 0.0)
-        dlabels = g_loss[..., None] * neg_log_p(scale)
+        scale = jnp.broadcast_to((1.0 - spec.label_smoothing) * w, z.shape)
+        dlabels = neg_log_p(masked_fill(scale, mask, 0.0))
     dweights = None
     if class_weights is not None:
-        rows = tuple(range(z.ndim - 1))
-        dweights = jnp.sum(g_loss[..., None] * neg_log_p(u), axis=rows)
+        dweights = jnp.sum(neg_log_p(u), axis=tuple(range(z.ndim - 1)))
     return dz, dlabels, dweights
 
 
@@ -482,7 +499,9 @@ def softmax_cross_entropy_with_integer_labels(
       The backward pass is :math:`g (p - t)` from a custom VJP, the target t built by comparing
       an iota with the labels (no one-hot). A label outside ``[0, K)`` that is not
       ``ignore_index`` gives NaN (never a silent wrap to another class; :func:`jaxce.checked`
-      raises instead); a label on a masked class gives :math:`+\infty`.
+      raises instead); a label on a masked class or a :math:`-\infty` logit has probability 0
+      and gives :math:`+\infty`. A :math:`-\infty` logit is an impossible class, treated
+      like a masked one: label smoothing puts no mass on it.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
