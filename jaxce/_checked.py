@@ -1,0 +1,384 @@
+r"""Checked mode: value checks on the data, opt-in, built on :mod:`jax.experimental.checkify`.
+
+The public functions check shapes, dtypes and options in Python while JAX traces (see
+:mod:`jaxce._validation`). Problems that need the data (a label out of range, labels that are
+not a distribution, a NaN logit) cannot raise there: the values are tracers. jaxce documents
+what such inputs give (NaN, or a loss computed from whatever the labels hold) and checks them
+only inside :func:`checked`.
+
+Each public function calls the hooks below (:func:`check_labels`, :func:`check_distribution`,
+:func:`check_finite`). Outside :func:`checked` a hook returns at once, in Python, and puts
+nothing in the jaxpr: the unchecked functions cost nothing. Inside, it emits a
+:func:`jax.experimental.checkify.check` whose message names the first offending element (in
+C order) by its index and value.
+
+Whether checks are on is part of JAX's jit cache key (a private ``jax._src.config`` state, like
+the ones behind ``jax.default_device`` and meshes), so a function jitted and called before it
+was wrapped is traced again, with its checks, inside :func:`checked`, and keeps its cached
+unchecked version outside. Should that private API ever disappear, a
+:class:`contextvars.ContextVar` takes its place and :func:`checked` unwraps a ``jax.jit``
+function it is given (``fn.__wrapped__``); jitted functions called *inside* ``fn`` would then
+keep any unchecked trace they already have.
+"""
+
+import contextlib
+import contextvars
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from ._validation import broadcast_mask, canonical_axes
+
+__all__ = [
+    "CheckError",
+    "checked",
+    "check_distribution",
+    "check_finite",
+    "check_labels",
+    "check_unit_interval",
+]
+
+
+class CheckError(ValueError):
+    """A value check of :func:`jaxce.checked` failed; the message names the element."""
+
+
+class _Settings(NamedTuple):
+    """What a checked trace depends on (hashable: it is part of the jit cache key)."""
+
+    tolerance: float | None  # None: max(1e-3, 4 eps) of the labels' dtype
+
+
+def _jit_key_state():
+    """A trace-context state that enters JAX's jit cache key, or None if this JAX lacks one."""
+    try:
+        from jax._src.config import config_ext
+
+        return config_ext.Config(
+            "jaxce_checked", None, include_in_jit_key=True, include_in_trace_context=True
+        )
+    except Exception:  # pragma: no cover - depends on JAX's private API
+        return None
+
+
+_STATE = _jit_key_state()
+_FALLBACK: contextvars.ContextVar[_Settings | None] = contextvars.ContextVar(
+    "jaxce_checked", default=None
+)
+
+
+def _settings() -> _Settings | None:
+    return _FALLBACK.get() if _STATE is None else _STATE.value
+
+
+@contextlib.contextmanager
+def _active(settings: _Settings):
+    if _STATE is None:
+        token = _FALLBACK.set(settings)
+        try:
+            yield
+        finally:
+            _FALLBACK.reset(token)
+    else:
+        previous = _STATE.swap_local(settings)
+        try:
+            yield
+        finally:
+            _STATE.set_local(previous)
+
+
+def is_active() -> bool:
+    """Whether the caller is being traced inside :func:`checked`."""
+    return _settings() is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks called by the public functions. Each returns at once unless checked mode is on.
+
+
+def _escape(name: str) -> str:
+    return name.replace("{", "{{").replace("}", "}}")
+
+
+def _index_template(name: str, ndim: int, prefix: str, skip: tuple[int, ...] = ()) -> str:
+    """``name[{prefix0}, :, {prefix1}]``: format fields for the kept dims, ``:`` for ``skip``."""
+    if ndim == 0:
+        return _escape(name)
+    parts, k = [], 0
+    for d in range(ndim):
+        if d in skip:
+            parts.append(":")
+        else:
+            parts.append(f"{{{prefix}{k}}}")
+            k += 1
+    return f"{_escape(name)}[{', '.join(parts)}]"
+
+
+def _report(bad: jax.Array, at: str, message: str, x: jax.Array | None = None, **fields) -> None:
+    """Emit one check: fails if any of ``bad``; names the first True (C order) of it.
+
+    ``at`` is an index template (:func:`_index_template` with prefix ``i``) of ``bad``'s
+    dims; ``{value}`` in ``message`` is the element of ``x`` (same shape as ``bad``) there.
+    """
+    pos = jnp.argmax(bad.reshape(-1))
+    index = jnp.unravel_index(pos, bad.shape) if bad.ndim else ()
+    fields.update({f"i{k}": i for k, i in enumerate(index)})
+    if x is not None:
+        fields["value"] = x.reshape(-1)[pos]
+    checkify.check(~jnp.any(bad), "jaxce.checked: " + at + message, **fields)
+
+
+def check_labels(
+    labels: jax.Array,
+    num_classes: int,
+    *,
+    ignore_index: int | None = None,
+    class_axis_name: Any = None,
+    name: str = "labels",
+) -> None:
+    """In checked mode: every integer label is in ``[0, num_classes)`` or is ``ignore_index``.
+
+    ``num_classes`` is the number of classes the labels index. With ``class_axis_name`` (the
+    class axis split over a mesh axis inside ``shard_map``) pass the local count: it is
+    multiplied by the axis size here, so the range checked is the global ``[0, K)``.
+
+    Message: ``labels[3] = 7 is outside [0, 5) (ignore_index=None)``.
+    """
+    if _settings() is None:
+        return
+    labels = jnp.asarray(labels)
+    k = num_classes
+    if class_axis_name is not None:
+        k = num_classes * jax.lax.axis_size(class_axis_name)
+    bad = (labels < 0) | (labels >= k)
+    if ignore_index is not None:
+        bad = bad & (labels != ignore_index)
+    at = _index_template(name, labels.ndim, "i")
+    _report(bad, at, f" = {{value}} is outside [0, {k}) (ignore_index={ignore_index!r})", labels)
+
+
+def check_finite(
+    name: str,
+    x: jax.Array,
+    axis: int | Sequence[int] = -1,
+    *,
+    where: jax.Array | None = None,
+    allow_neg_inf: bool = True,
+) -> None:
+    r"""In checked mode: no element of ``x`` is NaN or :math:`+\infty` (nor :math:`-\infty`
+    unless ``allow_neg_inf``: a :math:`-\infty` logit is an impossible class, which is valid).
+
+    ``where`` is the function's mask (raw or broadcast; ``axis`` says how a mask of the batch
+    shape broadcasts): masked elements are not checked.
+
+    Message: ``logits[0, 2] is nan (NaN and +inf are not allowed)``.
+    """
+    if _settings() is None:
+        return
+    x = jnp.asarray(x)
+    bad = jnp.isnan(x) | (x == jnp.inf)
+    if not allow_neg_inf:
+        bad = bad | (x == -jnp.inf)
+    if where is not None:
+        bad = bad & broadcast_mask(where, x.shape, canonical_axes(axis, x.ndim))
+    allowed = "NaN and +inf are" if allow_neg_inf else "NaN and +-inf are"
+    _report(bad, _index_template(name, x.ndim, "i"), f" is {{value}} ({allowed} not allowed)", x)
+
+
+def check_unit_interval(name: str, x: jax.Array, *, where: jax.Array | None = None) -> None:
+    """In checked mode: every element of ``x`` is a probability in ``[0, 1]`` (not NaN).
+
+    For elementwise probabilities (binary labels, :func:`jaxce.information`); ``where`` is a
+    boolean mask broadcastable to ``x``. Message: ``labels[2] = 1.5 is outside [0, 1]``.
+    """
+    if _settings() is None:
+        return
+    x = jnp.asarray(x)
+    bad = ~((x >= 0) & (x <= 1))
+    if where is not None:
+        bad = bad & broadcast_mask(where, x.shape, ())
+    _report(bad, _index_template(name, x.ndim, "i"), " = {value:.6g} is outside [0, 1]", x)
+
+
+def default_tolerance(dtype) -> float:
+    """``max(1e-3, 4 eps)``: 1e-3 for float32 and float64, 0.031 for bf16, 0.0039 for f16."""
+    return max(1e-3, 4.0 * float(jnp.finfo(dtype).eps))
+
+
+def check_distribution(
+    name: str,
+    p: jax.Array,
+    axis: int | Sequence[int] = -1,
+    *,
+    where: jax.Array | None = None,
+    log: bool = False,
+) -> None:
+    r"""In checked mode: ``p`` holds distributions along ``axis``.
+
+    Every (unmasked) element is finite and non-negative, and each example's sum is within
+    the tolerance of 1 (examples whose classes are all masked are exempt). With ``log=True``
+    ``p`` holds log-probabilities: NaN and :math:`+\infty` are errors, :math:`-\infty`
+    (probability 0) is allowed, and :math:`\sum_k e^{p_k}` must be within the tolerance of 1.
+    The tolerance is :func:`checked`'s ``tolerance``, by default :func:`default_tolerance` of
+    ``p``'s dtype. ``where`` is the function's mask (raw or broadcast).
+
+    Messages: ``labels[1, 2] = -0.1 is negative``, ``labels[1, :] sums to 0.8, not 1
+    (tolerance 0.001)``, ``log_probs[0, :] exp-sums to 2, not 1 (tolerance 0.001)``.
+    """
+    settings = _settings()
+    if settings is None:
+        return
+    p = jnp.asarray(p)
+    axes = canonical_axes(axis, p.ndim)
+    mask = broadcast_mask(where, p.shape, axes)
+    keep = jnp.ones(p.shape, bool) if mask is None else mask
+    tol = settings.tolerance
+    if tol is None:
+        tol = default_tolerance(p.dtype)
+    at = _index_template(name, p.ndim, "i")
+    bad = keep & (jnp.isnan(p) | (p == jnp.inf))
+    if not log:
+        bad = bad | (keep & (p == -jnp.inf))
+    _report(bad, at, f" is {{value}} (not a {'log-' if log else ''}probability)", p)
+    x = p.astype(jnp.promote_types(p.dtype, jnp.float32))
+    if log:
+        total = jnp.sum(jnp.where(keep, jnp.exp(jnp.where(keep, x, -jnp.inf)), 0.0), axis=axes)
+        verb = "exp-sums"
+    else:
+        _report(keep & (p < 0), at, " = {value:.6g} is negative", p)
+        total = jnp.sum(jnp.where(keep, x, 0.0), axis=axes)
+        verb = "sums"
+    bad_rows = jnp.any(keep, axis=axes) & ~(jnp.abs(total - 1.0) <= tol)  # a NaN sum fails
+    row = _index_template(name, p.ndim, "i", skip=axes)
+    message = f" {verb} to {{value:.6g}}, not 1 (tolerance {tol:g})"
+    _report(bad_rows, row, message, total)
+
+
+# ----------------------------------------------------------------------------------------------
+# The wrapper.
+
+
+def _is_jitted(fn) -> bool:
+    return isinstance(fn, type(jax.jit(abs))) and hasattr(fn, "__wrapped__")
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def checked(
+    fn: Callable,
+    *,
+    tolerance: float | None = None,
+    errors: frozenset = checkify.user_checks,
+) -> Callable:
+    r"""Wrap ``fn`` so that jaxce's value checks run, and raise :class:`CheckError` on the first.
+
+    ``fn`` is any function that calls jaxce, jitted or not, with any JAX transforms inside it
+    (``jax.jit``, ``jax.grad``, ``jax.vmap``, ``lax.scan``). Inside the wrapper every jaxce
+    function checks its data:
+
+    - integer labels are in ``[0, K)`` or equal ``ignore_index``;
+    - soft labels and probabilities are finite, non-negative and sum to 1 along the class axis
+      within ``tolerance`` (log-probabilities: exp-sum to 1);
+    - logits and log-probabilities are not NaN or :math:`+\infty` (:math:`-\infty`, an
+      impossible class, is allowed).
+
+    Masked classes and examples whose classes are all masked are not checked. The first
+    failing check (in program order, then the first element in C order) raises
+    :class:`CheckError`, a ``ValueError``, naming the array, the index and the value, e.g.
+    ``jaxce.checked: labels[3] = 7 is outside [0, 5) (ignore_index=None)``. Indices refer to
+    the array the jaxce function received; under ``jax.vmap`` they are within one example.
+
+    Without the wrapper the functions carry no checks: nothing is added to their jaxprs.
+
+    Args:
+      fn: the function to check.
+      tolerance: how far from 1 a distribution's sum may be; ``None`` is
+        :math:`\max(10^{-3}, 4\varepsilon)` of its dtype (``1e-3`` for float32, ``0.031`` for
+        bfloat16, whose rounding of :math:`1/3` alone is off by :math:`6 \cdot 10^{-4}`).
+      errors: the :mod:`~jax.experimental.checkify` error set; add e.g.
+        ``checkify.nan_checks`` to also catch NaNs produced inside ``fn``.
+
+    Returns:
+      A function with ``fn``'s signature and outputs. Array arguments (JAX or NumPy) are
+      traced; every other argument (Python numbers, strings, options) is passed as is, so
+      options need no ``static_argnums``. A jitted ``fn`` keeps its own ``static_argnums`` and
+      is compiled again with checks (once per input signature); its unchecked compilation
+      stays cached for calls outside the wrapper.
+
+    Raises:
+      CheckError: a value check failed.
+      TypeError: the wrapper was called under a JAX transform (``jax.jit(checked(f))``):
+        errors cannot be raised from traced code. Put the transforms inside instead:
+        ``checked(jax.jit(f))``.
+
+    Note:
+      With ``class_axis_name`` (classes split over a mesh axis) the label range checked is
+      the global one, ``K_local`` times the axis size. Checks cost a pass over the inputs
+      and, for a jitted ``fn``, a second compilation: a debugging mode.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxce
+      >>> from jaxce._checked import checked, check_labels
+      >>> def loss(logits, labels):  # stands in for any function calling jaxce
+      ...     check_labels(labels, logits.shape[-1])
+      ...     return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+      >>> logits = jnp.zeros((4, 5))
+      >>> print(checked(loss)(logits, jnp.array([0, 1, 2, 4])))
+      1.609438
+      >>> checked(jax.jit(loss))(logits, jnp.array([0, 1, 2, 7]))
+      Traceback (most recent call last):
+      ...
+      jaxce._checked.CheckError: jaxce.checked: labels[3] = 7 is outside [0, 5) (ignore_index=None)
+    """
+    if tolerance is not None:
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+            raise TypeError(f"tolerance must be a Python number or None, got {tolerance!r}")
+        if not (tolerance >= 0 and math.isfinite(tolerance)):
+            raise ValueError(f"tolerance must be finite and >= 0, got {tolerance!r}")
+        tolerance = float(tolerance)
+    settings = _Settings(tolerance)
+    # Without the jit-key state, a jitted fn would reuse its unchecked trace: run its Python.
+    target = fn.__wrapped__ if _STATE is None and _is_jitted(fn) else fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        where = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+        dynamic = [leaves[i] for i in where]
+        if any(isinstance(x, jax.core.Tracer) for x in dynamic):
+            raise TypeError(_UNDER_TRANSFORM)
+
+        def inner(dynamic):
+            merged = list(leaves)
+            for i, x in zip(where, dynamic):
+                merged[i] = x
+            a, k = jax.tree.unflatten(treedef, merged)
+            return target(*a, **k)
+
+        with _active(settings):
+            err, out = checkify.checkify(inner, errors=errors)(dynamic)
+        try:
+            exc = err.get_exception()
+        except jax.errors.ConcretizationTypeError:
+            raise TypeError(_UNDER_TRANSFORM) from None
+        if exc is not None:
+            fmt = getattr(exc, "fmt_string", None)  # a failed check: its message, no suffix
+            message = str(exc) if fmt is None else fmt.format(*exc.args, **exc.kwargs)
+            raise CheckError(message)
+        return out
+
+    return wrapper
+
+
+_UNDER_TRANSFORM = (
+    "jaxce.checked(fn) was called under a JAX transform (jit, grad, vmap) and cannot raise "
+    "from traced code; put the transforms inside: jaxce.checked(jax.jit(fn))"
+)
