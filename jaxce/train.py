@@ -13,7 +13,8 @@ Models, for features :math:`X \in \mathbb{R}^{n \times d}`:
    \qquad
    \text{logistic:}\quad p = \sigma(X w + b),\ w \in \mathbb{R}^{d},
 
-trained on the mean cross-entropy (in nats). The whole update step runs under
+trained on the mean cross-entropy (in nats) by an Optax first-order method or by Newton-CG
+(see :func:`fit`). The whole update step runs under
 :func:`jax.jit`, many steps per call with :func:`jax.lax.scan`; nothing here names a device,
 so the same code runs on CPU, GPU or TPU.
 
@@ -45,6 +46,7 @@ __all__ = [
     "confusion_matrix",
     "fit",
     "format_confusion_matrix",
+    "hessian_vector_product",
     "init_params",
     "main",
     "plot_curves",
@@ -55,10 +57,19 @@ __all__ = [
 ]
 
 MODELS = ("softmax", "logistic")
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "lbfgs")
-#: Learning rate used when none is given; ``None`` lets L-BFGS's line search choose.
-DEFAULT_LEARNING_RATES = {"adam": 0.05, "adamw": 0.05, "sgd": 0.5, "rmsprop": 0.01, "lbfgs": None}
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "lbfgs", "newton-cg")
+#: Learning rate used when none is given; ``None`` lets L-BFGS's line search choose, and
+#: Newton-CG takes the full Newton step.
+DEFAULT_LEARNING_RATES = {
+    "adam": 0.05, "adamw": 0.05, "sgd": 0.5, "rmsprop": 0.01, "lbfgs": None, "newton-cg": 1.0,
+}  # fmt: skip
 DEFAULT_STEPS = 500
+#: Steps used when none are given and the optimizer is Newton-CG (the problem is convex).
+DEFAULT_NEWTON_STEPS = 10
+#: Newton-CG: added to the Hessian's diagonal (softmax's W, b has a flat direction) ...
+NEWTON_DAMPING = 1e-4
+#: ... and the conjugate-gradient solve's relative tolerance and iteration cap.
+NEWTON_CG_TOL, NEWTON_CG_MAXITER = 1e-5, 100
 DEFAULT_TEST_FRACTION = 0.3
 #: Test accuracy the default run (softmax regression on Iris) must reach.
 IRIS_ACCURACY_BAR = 0.93
@@ -242,6 +253,70 @@ def _accuracy(logits: jax.Array, labels: jax.Array, model: str) -> jax.Array:
     return jnp.mean(predicted == labels)
 
 
+def hessian_vector_product(
+    params: Params, features: jax.Array, l2: float = 0.0, damping: float = 0.0
+) -> Callable[[Params], Params]:
+    r"""The product with the Hessian of the mean cross-entropy in the parameters.
+
+    For logits :math:`Z = X W + b` and a direction :math:`V = (V_W, V_b)`, the chain rule
+    (the logits are linear in the parameters, so Gauss-Newton is the exact Hessian) gives
+
+    .. math::
+
+       H V = \bigl(X^\top R,\ \textstyle\sum_i R_i\bigr),
+       \qquad R = \tfrac{1}{n}\,\bigl(\operatorname{diag}(p) - p p^\top\bigr)(X V_W + V_b)
+       \ \text{per row},
+
+    with the logits' product from :func:`jaxce.softmax_cross_entropy_hvp`: no ``[C, C]`` or
+    parameter-sized Hessian is formed. The logistic model's :math:`\sigma(1 - \sigma)` is the
+    same product for the two-class logits :math:`(0, z)`. ``l2`` adds :math:`\lambda V_W` (the
+    penalty :math:`\tfrac{\lambda}{2}\lVert W \rVert^2`) and ``damping`` adds
+    :math:`\delta V`. The labels do not enter: the Hessian does not depend on them.
+
+    Args:
+      params: the point, ``{"w": ..., "b": ...}`` from :func:`init_params` or :func:`fit`.
+      features: ``[n, d]`` float32 features.
+      l2: weight of the L2 penalty on ``w``.
+      damping: added to the whole diagonal.
+
+    Returns:
+      A function of a params-shaped direction ``V`` returning :math:`(H + \dots) V`.
+
+    Examples:
+      >>> x = jnp.array([[1.0], [-1.0]])
+      >>> hvp = hessian_vector_product({"w": jnp.zeros((1, 2)), "b": jnp.zeros(2)}, x)
+      >>> print(hvp({"w": jnp.array([[1.0, 0.0]]), "b": jnp.zeros(2)})["w"])
+      [[ 0.25 -0.25]]
+    """
+    logits = _logits(params, features)
+    model = _model_of(params)
+
+    def logits_hvp(u):
+        if model == "softmax":
+            return jaxce.softmax_cross_entropy_hvp(logits, u)
+        pad = lambda z: jnp.stack([jnp.zeros_like(z), z], axis=-1)  # noqa: E731
+        return jaxce.softmax_cross_entropy_hvp(pad(logits), pad(u))[..., 1]
+
+    def hvp(v: Params) -> Params:
+        r = logits_hvp(_logits(v, features)) / features.shape[0]
+        return {
+            "w": features.T @ r + (l2 + damping) * v["w"],
+            "b": jnp.sum(r, axis=0) + damping * v["b"],
+        }
+
+    return hvp
+
+
+def _newton_direction(params: Params, grads: Params, features: jax.Array, l2: float) -> Params:
+    """Solves ``(H + l2 + damping) d = -g`` by conjugate gradients (Hessian products only)."""
+    hvp = hessian_vector_product(params, features, l2, NEWTON_DAMPING)
+    minus_g = jax.tree.map(jnp.negative, grads)
+    direction, _ = jax.scipy.sparse.linalg.cg(
+        hvp, minus_g, tol=NEWTON_CG_TOL, maxiter=NEWTON_CG_MAXITER
+    )
+    return direction
+
+
 def _optimizer(name: str, learning_rate: float | None, weight_decay: float):
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
@@ -249,6 +324,8 @@ def _optimizer(name: str, learning_rate: float | None, weight_decay: float):
         return optax.lbfgs(learning_rate=learning_rate)
     if learning_rate is None:
         raise ValueError(f"optimizer {name!r} needs a learning rate")
+    if name == "newton-cg":  # scales the Newton direction, which fit computes
+        return optax.scale(learning_rate)
     if name == "adamw":  # decoupled decay of the weights (not the biases)
         return optax.adamw(learning_rate, weight_decay=weight_decay, mask={"w": True, "b": False})
     return {"adam": optax.adam, "sgd": optax.sgd, "rmsprop": optax.rmsprop}[name](learning_rate)
@@ -259,7 +336,7 @@ def fit(
     labels,
     *,
     model: str = "softmax",
-    steps: int = DEFAULT_STEPS,
+    steps: int | None = None,
     learning_rate: float | None = None,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
@@ -272,16 +349,25 @@ def fit(
     r"""Full-batch training of softmax or logistic regression.
 
     Each step evaluates the loss and its gradient on all rows and applies one Optax update.
-    The step is jit-compiled and run ``chunk_size`` times per call with :func:`jax.lax.scan`;
-    between calls ``callback`` reports progress.
+    With ``optimizer="newton-cg"`` the update is instead ``learning_rate`` times the Newton
+    step :math:`d` solving :math:`(H + \lambda + \delta) d = -g` by conjugate gradients
+    (:func:`jax.scipy.sparse.linalg.cg`) on products from :func:`hessian_vector_product`
+    (the Hessian of the mean cross-entropy, exact for these linear models; a custom
+    ``loss_fn`` changes the gradient but not this Hessian), :math:`\lambda` the
+    ``weight_decay`` (on ``w`` only) and :math:`\delta` = ``NEWTON_DAMPING``. The objective
+    is convex, so a handful of full steps converges. The step is jit-compiled and run
+    ``chunk_size`` times per call with :func:`jax.lax.scan`; between calls ``callback``
+    reports progress.
 
     Args:
       features: ``[n, d]`` floats (standardise them first, see :func:`standardize`).
       labels: ``[n]`` integers; ``0 .. C-1`` for softmax, ``0``/``1`` for logistic.
       model: ``"softmax"`` (``C`` = ``labels.max() + 1`` classes) or ``"logistic"``.
-      steps: number of updates.
+      steps: number of updates; ``None`` means ``DEFAULT_STEPS``, or
+        ``DEFAULT_NEWTON_STEPS`` for Newton-CG.
       learning_rate: step size; ``None`` takes ``DEFAULT_LEARNING_RATES[optimizer]``.
-      optimizer: one of ``adam``, ``adamw``, ``sgd``, ``rmsprop``, ``lbfgs``.
+      optimizer: one of ``adam``, ``adamw``, ``sgd``, ``rmsprop``, ``lbfgs``,
+        ``newton-cg``.
       weight_decay: for ``adamw`` decoupled decay of ``w``; otherwise the objective gets
         :math:`\tfrac{\lambda}{2}\lVert w \rVert^2` (the recorded loss stays the bare
         cross-entropy).
@@ -305,6 +391,8 @@ def fit(
       ([0, 0, 1, 1], 1.0)
     """
     _check_model(model)
+    if steps is None:
+        steps = DEFAULT_NEWTON_STEPS if optimizer == "newton-cg" else DEFAULT_STEPS
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
     if learning_rate is None:
@@ -347,6 +435,9 @@ def fit(
                 grads, opt_state, params, value=value, grad=grads,
                 value_fn=lambda p: objective(p, x, y)[0],
             )  # fmt: skip
+        elif optimizer == "newton-cg":
+            direction = _newton_direction(params, grads, x, penalty)
+            updates, new_state = opt.update(direction, opt_state, params)
         else:
             updates, new_state = opt.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -445,7 +536,10 @@ def _parser() -> argparse.ArgumentParser:
         help="logistic model: the class scored against the rest (default: the last class "
         "in sorted order, virginica for Iris)",
     )  # fmt: skip
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument(
+        "--steps", type=int,
+        help=f"default {DEFAULT_STEPS}, or {DEFAULT_NEWTON_STEPS} for --optimizer newton-cg",
+    )  # fmt: skip
     p.add_argument("--learning-rate", type=float, help="default depends on the optimizer")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -464,6 +558,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
+    if args.steps is None:
+        newton = args.optimizer == "newton-cg"
+        args.steps = DEFAULT_NEWTON_STEPS if newton else DEFAULT_STEPS
     if args.steps < 1:
         raise _UsageError(f"--steps must be positive, got {args.steps}")
     if not 0.0 < args.test_fraction < 1.0:
@@ -552,6 +649,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"split {len(train)} train / {len(test)} test (stratified, seed {args.seed}); "
           "features standardised with train statistics")  # fmt: skip
     lr_text = "line search" if learning_rate is None else f"learning rate {learning_rate:g}"
+    if args.optimizer == "newton-cg":
+        lr_text = f"step scale {learning_rate:g}, damping {NEWTON_DAMPING:g}"
     print(f"{args.optimizer}, {lr_text}, weight decay {args.weight_decay:g}, {args.steps} steps")
     sys.stdout.flush()
 

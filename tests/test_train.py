@@ -215,3 +215,133 @@ def test_end_to_end_subprocess_on_csv(tmp_path):
         assert params["w"].shape == (3, 3) and params["mean"].shape == (3,)
         assert list(params["class_names"]) == ["blue", "green", "red"]
     assert (out_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------- Newton-CG
+
+
+def _flat(params):
+    return np.concatenate([np.ravel(params["w"]), np.ravel(params["b"])])
+
+
+def _reference_objective(x, y, model, l2, damping=0.0):
+    """Plain float64 objective of the flat parameters (w raveled, then b), without jaxce."""
+    import jax.numpy as jnp
+    from jax.nn import log_softmax
+
+    d = x.shape[1]
+
+    def f(theta):
+        if model == "softmax":
+            c = theta.size // (d + 1)
+            w, b = theta[: d * c].reshape(d, c), theta[d * c :]
+            loss = -jnp.mean(jnp.take_along_axis(log_softmax(x @ w + b), y[:, None], 1))
+        else:
+            w, b = theta[:d], theta[d]
+            z = x @ w + b
+            loss = jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+        return loss + 0.5 * l2 * jnp.sum(w**2) + 0.5 * damping * jnp.sum(theta**2)
+
+    return f
+
+
+@pytest.mark.parametrize("model", ["softmax", "logistic"])
+@pytest.mark.parametrize("l2, damping", [(0.0, 0.0), (0.3, 0.01)])
+def test_newton_hvp_matches_float64_hessian(iris_split, model, l2, damping):
+    import jax
+
+    x, y = iris_split[0][:40], iris_split[1][:40]
+    if model == "logistic":
+        y = (y == 1).astype(np.int32)
+    rng = np.random.default_rng(0)
+    shape = (4, 3) if model == "softmax" else (4,)
+    params = {"w": rng.normal(size=shape), "b": rng.normal(size=shape[1:])}
+    v = {"w": rng.normal(size=shape), "b": rng.normal(size=shape[1:])}
+    as32 = lambda t: {k: np.asarray(a, np.float32) for k, a in t.items()}  # noqa: E731
+    params, v = as32(params), as32(v)
+    hvp = jax.jit(lambda p, v: train.hessian_vector_product(p, x, l2, damping)(v))
+    hv = _flat(hvp(params, v))
+    with jax.enable_x64(True):  # jitted: op-by-op float64 dispatch is slow
+        f = _reference_objective(np.float64(x), y, model, l2, damping)
+        theta, v64 = np.float64(_flat(params)), np.float64(_flat(v))
+        hessian = np.asarray(jax.jit(jax.hessian(f))(theta))
+        jvp = jax.jit(lambda t, u: jax.jvp(jax.grad(f), (t,), (u,))[1])(theta, v64)
+    np.testing.assert_allclose(hessian @ _flat(v), np.asarray(jvp), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(hv, hessian @ _flat(v), rtol=2e-5, atol=2e-6)
+    assert np.abs(hessian @ _flat(v)).max() > 0.1  # a non-trivial product
+
+
+def test_newton_cg_cli_beats_adam(iris_split, capsys):
+    # Measured: newton-cg 10 steps loss 0.0241 nats, test accuracy 0.956; Adam 500 steps
+    # loss 0.0412, test accuracy 0.956.
+    status = train.main(["--optimizer", "newton-cg", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert status == 0, out + err
+    assert "newton-cg, step scale 1, damping 0.0001, weight decay 0, 10 steps" in out
+    assert float(re.search(r"test accuracy (\d\.\d+) >= 0.93: OK", out).group(1)) >= 0.93
+    newton_loss = float(re.search(r"final train loss (\d\.\d+) nats", out).group(1))
+    x_train, y_train = iris_split[:2]
+    adam = train.fit(x_train, y_train, steps=500)
+    assert newton_loss <= adam.history.final_loss - 0.01
+
+
+@pytest.mark.parametrize("model", ["softmax", "logistic"])
+def test_newton_cg_reaches_float64_minimum(iris_split, model):
+    # With an L2 penalty the minimum is unique; scipy's float64 BFGS gives the reference.
+    import jax
+    import scipy.optimize
+
+    x, y = iris_split[:2]
+    if model == "logistic":
+        y = (y == 2).astype(np.int32)
+    l2 = 1e-2
+    with jax.enable_x64(True):
+        f = jax.jit(jax.value_and_grad(_reference_objective(np.float64(x), y, model, l2)))
+        size = 15 if model == "softmax" else 5
+        ref = scipy.optimize.minimize(
+            lambda t: tuple(map(np.asarray, f(t))), np.zeros(size), jac=True, method="BFGS",
+            options={"gtol": 1e-10},
+        )  # fmt: skip
+        ref_loss = float(_reference_objective(np.float64(x), y, model, 0.0)(ref.x))
+    params, history = train.fit(x, y, model=model, optimizer="newton-cg", weight_decay=l2)
+    assert history.loss.shape == (train.DEFAULT_NEWTON_STEPS,)
+    assert history.loss[0] == pytest.approx(np.log(3 if model == "softmax" else 2), abs=0.01)
+    assert np.all(np.diff(history.loss[:5]) < 0)  # the first Newton steps lower the loss
+    assert history.final_loss == pytest.approx(ref_loss, rel=1e-4)
+    d = x.shape[1]
+    ref_params = (
+        {"w": ref.x[: 4 * 3].reshape(d, 3), "b": ref.x[12:]}
+        if model == "softmax"
+        else {"w": ref.x[:d], "b": ref.x[d]}
+    )
+    np.testing.assert_allclose(
+        train.predict_proba(params, x), train.predict_proba(ref_params, x), atol=1e-4
+    )
+
+
+def test_newton_cg_uses_the_logits_hvp(iris_split, monkeypatch):
+    import inspect
+
+    import jax
+
+    import jaxce
+
+    calls = []
+    original = jaxce.softmax_cross_entropy_hvp
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    def no_hessian(*args, **kwargs):
+        raise AssertionError("train must not build the Hessian")
+
+    monkeypatch.setattr(jaxce, "softmax_cross_entropy_hvp", counting)
+    monkeypatch.setattr(jax, "hessian", no_hessian)
+    x_train, y_train = iris_split[:2]
+    _, history = train.fit(x_train, y_train, optimizer="newton-cg", steps=2)
+    assert calls and set(calls) == {(105, 3)}
+    assert history.loss[1] < history.loss[0]
+    source = inspect.getsource(train)
+    assert "jaxce.softmax_cross_entropy_hvp(" in source
+    assert "hessian(" not in source.replace("def hessian_vector_product(", "")
