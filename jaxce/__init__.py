@@ -1,11 +1,14 @@
 """jaxce: numerically stable softmax, information measures and cross-entropy losses for JAX."""
 
+from ._checked import CheckError as CheckError
+from ._checked import checked as checked
 from ._information import cross_entropy as cross_entropy
 from ._information import entropy as entropy
 from ._information import information as information
 from ._information import kl_divergence as kl_divergence
 from ._information import softmax_entropy as softmax_entropy
 from ._information import softmax_kl_divergence as softmax_kl_divergence
+from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from ._losses import nll_loss as nll_loss
 from ._losses import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from ._losses import softmax_cross_entropy as softmax_cross_entropy

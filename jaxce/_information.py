@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from ._checked import check_distribution, check_finite, check_unit_interval
 from ._softmax import log_probabilities, masked_fill, prepare, probabilities
 from ._validation import check_floating, compute_dtype, log_base
 
@@ -58,6 +59,7 @@ def information(p: ArrayLike, *, base: float | None = None) -> jax.Array:
     """
     p = jnp.asarray(p)
     check_floating("p", p)
+    check_unit_interval("p", p)
     scale = log_base(base)
     return -jnp.log(p.astype(compute_dtype(p.dtype))) / scale
 
@@ -85,6 +87,7 @@ def entropy(
     """
     scale = log_base(base)
     (p,), mask, axes = _distributions(axis, where, p=p)
+    check_distribution("p", p, axes, where=mask)
     return -jnp.sum(masked_fill(xlogy(p, p), mask, 0.0), axis=axes) / scale
 
 
@@ -106,6 +109,8 @@ def cross_entropy(
     """
     scale = log_base(base)
     (p, q), mask, axes = _distributions(axis, where, p=p, q=q)
+    check_distribution("p", p, axes, where=mask)
+    check_distribution("q", q, axes, where=mask)
     return -jnp.sum(masked_fill(xlogy(p, q), mask, 0.0), axis=axes) / scale
 
 
@@ -130,6 +135,8 @@ def kl_divergence(
     """
     scale = log_base(base)
     (p, q), mask, axes = _distributions(axis, where, p=p, q=q)
+    check_distribution("p", p, axes, where=mask)
+    check_distribution("q", q, axes, where=mask)
     return jnp.sum(masked_fill(xlogy(p, p) - xlogy(p, q), mask, 0.0), axis=axes) / scale
 
 
@@ -153,6 +160,7 @@ def softmax_entropy(
     """
     scale = log_base(base)
     _, z, mask, axes = prepare(logits, axis, where, name="logits")
+    check_finite("logits", z, axes, where=mask)
     log_p = log_probabilities(z, mask, axes)
     return -jnp.sum(xdiff(probabilities(z, mask, axes), log_p, 0.0), axis=axes) / scale
 
@@ -175,6 +183,8 @@ def softmax_kl_divergence(
     """
     scale = log_base(base)
     (zp, zq), mask, axes = _distributions(axis, where, p_logits=p_logits, q_logits=q_logits)
+    check_finite("p_logits", zp, axes, where=mask)
+    check_finite("q_logits", zq, axes, where=mask)
     log_p = log_probabilities(zp, mask, axes)
     log_q = log_probabilities(zq, mask, axes)
     return jnp.sum(xdiff(probabilities(zp, mask, axes), log_p, log_q), axis=axes) / scale

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from ._checked import check_distribution, check_finite, check_labels, check_unit_interval
 from ._information import xdiff
 from ._softmax import finite_or_zero, masked_fill, move_axes_last
 from ._validation import (
@@ -453,6 +454,8 @@ def softmax_cross_entropy(
     labels = jnp.asarray(labels)
     check_floating("labels", labels)
     check_shape("labels", labels, logits_in.shape, "logits shape")
+    check_finite("logits", logits_in, axes, where=where)
+    check_distribution("labels", labels, axes, where=where)
     y = move_axes_last(labels, axes)
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, z.shape[-1], batch_shape
@@ -528,6 +531,8 @@ def softmax_cross_entropy_with_integer_labels(
     labels = jnp.asarray(labels)
     check_integer("labels", labels)
     check_shape("labels", labels, batch_shape, f"logits shape without axis {axis}")
+    check_finite("logits", logits, axes, where=where)
+    check_labels(labels, z.shape[-1], ignore_index=ignore_index, class_axis_name=class_axis_name)
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, z.shape[-1], batch_shape
     )
@@ -580,6 +585,8 @@ def nll_loss(
     labels = jnp.asarray(labels)
     check_integer("labels", labels)
     check_shape("labels", labels, batch_shape, f"log_probs shape without axis {axis}")
+    check_distribution("log_probs", log_probs, axis, where=where, log=True)
+    check_labels(labels, lp.shape[-1], ignore_index=ignore_index)
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, lp.shape[-1], batch_shape
     )
@@ -687,6 +694,8 @@ def sigmoid_binary_cross_entropy(
     dtype = compute_dtype(z.dtype)
     y = jnp.asarray(labels)
     check_floating("labels", y)
+    check_finite("logits", z)
+    check_unit_interval("labels", y)
     try:
         shape = jnp.broadcast_shapes(z.shape, y.shape)
     except ValueError:
@@ -741,6 +750,7 @@ def softmax_cross_entropy_hvp(
     v = jnp.asarray(v)
     check_floating("v", v)
     check_shape("v", v, z.shape, "logits shape")
+    check_finite("logits", z, axes, where=where)
     p = probabilities(z, mask, axes)
     pv = p * v.astype(z.dtype)
     return pv - p * jnp.sum(pv, axis=axes, keepdims=True)
