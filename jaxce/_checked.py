@@ -370,12 +370,20 @@ def checked(
         except jax.errors.ConcretizationTypeError:
             raise TypeError(_UNDER_TRANSFORM) from None
         if exc is not None:
-            fmt = getattr(exc, "fmt_string", None)  # a failed check: its message, no suffix
-            message = str(exc) if fmt is None else fmt.format(*exc.args, **exc.kwargs)
-            raise CheckError(message)
+            raise CheckError(_message(exc))
         return out
 
     return wrapper
+
+
+def _message(exc) -> str:
+    """The failed check's own message (without checkify's suffix)."""
+    mapping = getattr(exc, "error_mapping", None)  # from inside shard_map / pmap / vmap
+    if mapping:
+        index, first = min(mapping.items())
+        return f"{_message(first)} (in mapped instance {', '.join(map(str, index))})"
+    fmt = getattr(exc, "fmt_string", None)
+    return str(exc) if fmt is None else fmt.format(*exc.args, **exc.kwargs)
 
 
 _UNDER_TRANSFORM = (

@@ -1,0 +1,328 @@
+"""Checked mode: jaxce.checked and the value-check hooks in jaxce._checked.
+
+The hooks are exercised directly through small local functions (so these tests do not depend
+on where the library calls them), then through the public losses once those call the hooks.
+References are NumPy float64.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxce import _checked
+from jaxce._checked import (
+    CheckError,
+    check_distribution,
+    check_finite,
+    check_labels,
+    check_unit_interval,
+    checked,
+)
+
+
+def _lse_np(z):
+    z = np.asarray(z, np.float64)
+    m = z.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def int_loss(logits, labels, ignore_index=None):
+    """A stand-in for a jaxce loss: integer-label cross-entropy with the labels hook."""
+    check_finite("logits", logits)
+    check_labels(labels, logits.shape[-1], ignore_index=ignore_index)
+    hit = jnp.arange(logits.shape[-1]) == labels[..., None]
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+
+
+def soft_loss(logits, labels, axis=-1, where=None):
+    check_distribution("labels", labels, axis, where=where)
+    return -jnp.sum(labels * jax.nn.log_softmax(logits, axis=axis), axis=axis)
+
+
+def raises(message):
+    return pytest.raises(CheckError, match="^" + re.escape("jaxce.checked: " + message) + "$")
+
+
+LOGITS = np.array(
+    [[2.0, 1.0, 0.0, -1.0, 0.5], [0.0, 0.0, 3.0, 1.0, -2.0], [1.0, 2.0, 3.0, 4.0, 5.0],
+     [-1.0, 0.0, 1.0, 0.0, -1.0]],
+    np.float32,
+)
+
+
+def _int_loss_np(labels):
+    z = LOGITS.astype(np.float64)
+    return _lse_np(z) - z[np.arange(len(labels)), labels]
+
+
+# ----------------------------------------------------------------------------------------------
+# Integer labels
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_label_out_of_range_names_index_and_value(jit):
+    f = jax.jit(int_loss) if jit else int_loss
+    with raises("labels[3] = 7 is outside [0, 5) (ignore_index=None)"):
+        checked(f)(LOGITS, jnp.array([0, 1, 2, 7]))
+    with raises("labels[1] = -1 is outside [0, 5) (ignore_index=None)"):
+        checked(f)(LOGITS, jnp.array([0, -1, 2, 7]))  # the first offender, not the largest
+    with raises("labels[0] = 5 is outside [0, 5) (ignore_index=None)"):
+        checked(f)(LOGITS, jnp.array([5, 0, 0, 0]))  # K itself is out
+
+
+def test_label_index_is_multidimensional():
+    labels = jnp.array([[0, 1, 2], [3, 4, 9]])
+    with raises("labels[1, 2] = 9 is outside [0, 5) (ignore_index=None)"):
+        checked(int_loss)(jnp.zeros((2, 3, 5)), labels)
+
+
+def test_ignore_index_is_not_an_error_but_other_negatives_are():
+    f = checked(lambda z, y: int_loss(z, y, ignore_index=-100))
+    labels = jnp.array([0, -100, 4, 1])
+    out = f(LOGITS, labels)
+    ref = _int_loss_np(np.array([0, 0, 4, 1]))
+    np.testing.assert_allclose(np.asarray(out)[[0, 2, 3]], ref[[0, 2, 3]], rtol=1e-6)
+    with raises("labels[2] = -1 is outside [0, 5) (ignore_index=-100)"):
+        f(LOGITS, jnp.array([0, -100, -1, 1]))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_valid_inputs_give_the_unchecked_value(jit):
+    f = jax.jit(int_loss) if jit else int_loss
+    labels = np.array([0, 2, 4, 1])
+    out = checked(f)(LOGITS, jnp.asarray(labels))
+    np.testing.assert_allclose(out, _int_loss_np(labels), rtol=1e-6)
+    np.testing.assert_array_equal(out, f(LOGITS, jnp.asarray(labels)))
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN and infinities
+
+
+def test_nan_and_posinf_logits_are_named():
+    z = LOGITS.copy()
+    z[0, 2] = np.nan
+    with raises("logits[0, 2] is nan (NaN and +inf are not allowed)"):
+        checked(int_loss)(z, jnp.array([0, 1, 2, 3]))
+    z = LOGITS.copy()
+    z[2, 1] = np.inf
+    with raises("logits[2, 1] is inf (NaN and +inf are not allowed)"):
+        checked(jax.jit(int_loss))(z, jnp.array([0, 1, 2, 3]))
+
+
+def test_neg_inf_logit_is_allowed_unless_told():
+    z = LOGITS.copy()
+    z[1, 4] = -np.inf  # an impossible class
+    out = checked(int_loss)(z, jnp.array([0, 1, 2, 3]))
+    assert np.isfinite(np.asarray(out)).all()
+
+    def strict(x):
+        check_finite("x", x, allow_neg_inf=False)
+        return x
+
+    with raises("x[1, 4] is -inf (NaN and +-inf are not allowed)"):
+        checked(strict)(z)
+
+
+def test_masked_nan_is_not_an_error():
+    def f(x, where):
+        check_finite("logits", x, where=where)
+        return jnp.sum(jnp.where(where, x, 0.0))
+
+    x = jnp.array([[1.0, jnp.nan], [2.0, 3.0]])
+    assert float(checked(f)(x, jnp.array([[True, False], [True, True]]))) == 6.0
+    with raises("logits[0, 1] is nan (NaN and +inf are not allowed)"):
+        checked(f)(x, jnp.array([True, True]))  # a class mask, broadcast
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributions
+
+
+def test_negative_probability_is_named():
+    y = np.array([[0.5, 0.5, 0.0], [0.6, 0.5, -0.1]], np.float32)
+    with raises("labels[1, 2] = -0.1 is negative"):
+        checked(soft_loss)(np.zeros((2, 3), np.float32), y)
+
+
+def test_sum_not_one_is_named():
+    y = np.array([[0.5, 0.5, 0.0], [0.5, 0.25, 0.0], [0.2, 0.2, 0.2]], np.float32)
+    with raises("labels[1, :] sums to 0.75, not 1 (tolerance 0.001)"):
+        checked(jax.jit(soft_loss))(np.zeros((3, 3), np.float32), y)
+
+
+def test_sum_along_another_axis_names_the_column():
+    y = np.array([[0.5, 0.5], [0.5, 0.25]], np.float32)  # column 1 sums to 0.75
+    with raises("labels[:, 1] sums to 0.75, not 1 (tolerance 0.001)"):
+        checked(lambda z, y: soft_loss(z, y, axis=0))(np.zeros((2, 2), np.float32), y)
+
+
+def test_nan_probability_is_named_before_its_sum():
+    y = np.array([[0.5, 0.5], [np.nan, 1.0]], np.float32)
+    with raises("labels[1, 0] is nan (not a probability)"):
+        checked(soft_loss)(np.zeros((2, 2), np.float32), y)
+
+
+def test_tolerance():
+    y = np.array([[0.5, 0.4995], [0.5, 0.495]], np.float32)  # off by 5e-4 and 5e-3
+    with raises("labels[1, :] sums to 0.995, not 1 (tolerance 0.001)"):
+        checked(soft_loss)(np.zeros((2, 2), np.float32), y)
+    out = checked(soft_loss, tolerance=0.01)(np.zeros((2, 2), np.float32), y)
+    np.testing.assert_allclose(out, np.log(2.0) * y.astype(np.float64).sum(-1), rtol=1e-6)
+    with raises("labels[0, :] sums to 0.9995, not 1 (tolerance 0)"):
+        checked(soft_loss, tolerance=0)(np.zeros((2, 2), np.float32), y)
+    with pytest.raises(ValueError, match="tolerance must be finite and >= 0, got -1"):
+        checked(soft_loss, tolerance=-1)
+    with pytest.raises(TypeError, match="tolerance must be a Python number or None"):
+        checked(soft_loss, tolerance="1e-3")
+
+
+def test_bfloat16_thirds_pass_with_the_default_tolerance():
+    y = jnp.full((2, 3), 1 / 3, jnp.bfloat16)  # each rounds to 0.333984375: the sum is 1.00195
+    assert abs(float(jnp.sum(y[0].astype(jnp.float32))) - 1.0) > 1e-3
+    checked(soft_loss)(jnp.zeros((2, 3)), y)
+    assert _checked.default_tolerance(jnp.float32) == 1e-3
+    assert _checked.default_tolerance(jnp.bfloat16) == 4 * 2.0**-7
+
+
+def test_masked_classes_and_fully_masked_rows_are_exempt():
+    y = np.array([[0.5, 0.5, -3.0], [-1.0, 7.0, 2.0]], np.float32)
+    where = np.array([[True, True, False], [False, False, False]])
+    out = checked(soft_loss)(np.zeros((2, 3), np.float32), y, where=where)
+    assert out.shape == (2,)
+    with raises("labels[0, 2] = -3 is negative"):
+        checked(soft_loss)(np.zeros((2, 3), np.float32), y, where=np.array([True, True]))
+
+
+def test_log_distribution():
+    def nll(log_p):
+        check_distribution("log_probs", log_p, -1, log=True)
+        return -log_p[..., 0]
+
+    good = np.array([[np.log(0.25), np.log(0.75)], [0.0, -np.inf]])  # log 0 = -inf is allowed
+    np.testing.assert_allclose(checked(nll)(good), -good[:, 0])
+    with raises("log_probs[1, :] exp-sums to 2, not 1 (tolerance 0.001)"):
+        checked(nll)(np.array([[np.log(0.5), np.log(0.5)], [0.0, 0.0]]))
+    with raises("log_probs[0, 1] is inf (not a log-probability)"):
+        checked(nll)(np.array([[0.0, np.inf]]))
+
+
+def test_unit_interval():
+    def bce(p):
+        check_unit_interval("labels", p)
+        return p
+
+    checked(bce)(jnp.array([0.0, 0.5, 1.0]))
+    with raises("labels[2] = 1.5 is outside [0, 1]"):
+        checked(bce)(jnp.array([0.0, 1.0, 1.5, -1.0]))
+    with raises("labels[1] = nan is outside [0, 1]"):
+        checked(bce)(jnp.array([0.0, jnp.nan]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The wrapper: caching, transforms, arguments
+
+
+def test_no_checks_without_the_wrapper():
+    z, y = jnp.asarray(LOGITS), jnp.array([0, 1, 2, 7])
+    assert "check" not in str(jax.make_jaxpr(int_loss)(z, y))
+    # and the same trace inside checked mode does hold checks: the assertion above can fail.
+    with _checked._active(_checked._Settings(None)):
+        assert "check" in str(jax.make_jaxpr(int_loss)(z, y))
+    assert not _checked.is_active()
+    out = int_loss(z, y)  # unchecked: out of range gives whatever the formula gives, no error
+    assert out.shape == (4,)
+
+
+def test_jitted_function_called_before_wrapping_is_still_checked():
+    f = jax.jit(int_loss)
+    bad = jnp.array([0, 1, 2, 7])
+    unchecked = f(LOGITS, bad)  # traced and cached without checks
+    with raises("labels[3] = 7 is outside [0, 5) (ignore_index=None)"):
+        checked(f)(LOGITS, bad)
+    # and afterwards the plain call still runs its unchecked version, without raising
+    np.testing.assert_array_equal(f(LOGITS, bad), unchecked)
+
+
+def test_nested_jitted_helper_called_before_is_still_checked():
+    inner = jax.jit(int_loss)
+    inner(LOGITS, jnp.array([0, 1, 2, 7]))
+
+    @jax.jit
+    def outer(z, y):
+        return jnp.mean(inner(z, y))
+
+    outer(LOGITS, jnp.array([0, 1, 2, 7]))
+    with raises("labels[3] = 7 is outside [0, 5) (ignore_index=None)"):
+        checked(outer)(LOGITS, jnp.array([0, 1, 2, 7]))
+
+
+def test_fallback_without_jit_key_state_unwraps_a_jitted_fn(monkeypatch):
+    f = jax.jit(int_loss)
+    f(LOGITS, jnp.array([0, 1, 2, 7]))
+    monkeypatch.setattr(_checked, "_STATE", None)
+    with raises("labels[3] = 7 is outside [0, 5) (ignore_index=None)"):
+        checked(f)(LOGITS, jnp.array([0, 1, 2, 7]))
+    np.testing.assert_allclose(
+        checked(f)(LOGITS, jnp.array([0, 2, 4, 1])), _int_loss_np([0, 2, 4, 1]), rtol=1e-6
+    )
+    assert not _checked.is_active()
+
+
+def test_grad_and_vmap_inside():
+    labels = np.array([0, 2, 4, 1])
+    mean_loss = lambda z, y: jnp.mean(int_loss(z, y))
+    g = checked(jax.grad(mean_loss))(LOGITS, jnp.asarray(labels))
+    z = LOGITS.astype(np.float64)
+    p = np.exp(z - _lse_np(z)[:, None])
+    np.testing.assert_allclose(g, (p - np.eye(5)[labels]) / 4, atol=1e-6)
+    with raises("labels[3] = 7 is outside [0, 5) (ignore_index=None)"):
+        checked(jax.jit(jax.grad(mean_loss)))(LOGITS, jnp.array([0, 1, 2, 7]))
+    # under vmap the index is within one example (row 2's labels[0])
+    per_row = jax.vmap(int_loss)
+    with raises("labels[0] = 5 is outside [0, 5) (ignore_index=None)"):
+        checked(per_row)(jnp.zeros((3, 1, 5)), jnp.array([[0], [1], [5]]))
+
+
+def test_python_options_pass_through():
+    def f(z, y, reduction, scale=1.0):
+        loss = int_loss(z, y) * scale
+        return {"mean": jnp.mean, "sum": jnp.sum}[reduction](loss)
+
+    labels = np.array([0, 2, 4, 1])
+    out = checked(f)(LOGITS, jnp.asarray(labels), "sum", scale=2.0)
+    np.testing.assert_allclose(out, 2.0 * _int_loss_np(labels).sum(), rtol=1e-6)
+    g = jax.jit(f, static_argnums=2)
+    with raises("labels[3] = 7 is outside [0, 5) (ignore_index=None)"):
+        checked(g)(LOGITS, jnp.array([0, 1, 2, 7]), "mean")
+
+
+def test_under_a_transform_is_a_clear_error():
+    with pytest.raises(TypeError, match=r"put the transforms inside: jaxce.checked\(jax.jit"):
+        jax.jit(checked(int_loss))(LOGITS, jnp.array([0, 1, 2, 3]))
+
+
+def test_check_error_is_a_value_error():
+    assert issubclass(CheckError, ValueError)
+    with pytest.raises(ValueError):
+        checked(int_loss)(LOGITS, jnp.array([9, 0, 0, 0]))
+
+
+def test_class_axis_name_checks_the_global_range():
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("c",))
+
+    def local(z, y):  # z holds 3 of the 6 classes on each device
+        check_labels(y, z.shape[-1], class_axis_name="c")
+        return jax.lax.psum(jnp.sum(z, axis=-1), "c")
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(None, "c"), P()), out_specs=P()))
+    z = jnp.zeros((2, 6))
+    checked(f)(z, jnp.array([5, 0]))  # 5 < 6 = 3 * 2: valid, though >= 3 locally
+    with raises("labels[0] = 6 is outside [0, 6) (ignore_index=None) (in mapped instance 0)"):
+        checked(f)(z, jnp.array([6, 0]))
