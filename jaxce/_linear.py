@@ -1,0 +1,439 @@
+r"""Softmax cross-entropy of a linear layer, ``x @ w + bias``, without the N x V logits.
+
+A language model's last step, ``logits = x @ w`` for N tokens and V classes, makes the two
+largest tensors of the whole training step: the logits and their gradient (N·V·4 bytes each,
+8 GiB at N=4096, V=262144). :func:`linear_softmax_cross_entropy` never holds more than a block
+of rows of them: it walks over the rows (tokens) in blocks of ``block_size``, each block holding
+*all* V (local) classes, so that the loss mathematics of :mod:`jaxce._losses` (``row_stats``,
+``row_cotangents``, ``finish``) applies to each block unchanged:
+
+- with a scalar reduction (``"mean"``, ``"sum"``) the cotangent of every example's loss is
+  known before any logit is computed (the reduction is linear in the per-example losses), so
+  one pass computes, per block, the logits :math:`z_b = x_b w + b` (one matmul), the loss and
+  :math:`dz_b` in closed form, :math:`dx_b = dz_b w^\top` and :math:`dw \mathrel{+}= x_b^\top
+  dz_b` (two matmuls): three matmuls in all, as the naive code. The backward pass only scales
+  these by the upstream scalar (it recomputes the blocks only if the ``return_aux`` outputs are
+  differentiated too);
+- with ``reduction="none"`` the forward pass keeps only O(N) statistics (logsumexp and target
+  mass) and the backward pass recomputes the blocks' logits: four matmuls.
+
+Walking over the vocabulary instead (an online logsumexp over blocks of columns) cannot give
+the gradient in the same pass: :math:`p = e^{z - \ell}` needs each row's final logsumexp
+:math:`\ell`, so it takes a second pass and a fourth matmul.
+
+The temporaries of a block are a few ``block_size x V`` float32 arrays; the default
+``block_size`` keeps them near :data:`BLOCK_BYTES` whatever V is, so the scratch memory stays
+flat in V. A batch that is not a multiple of ``block_size`` gets one smaller last block: nothing
+is padded or copied, ``w`` least of all.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.typing import ArrayLike
+
+from ._losses import (
+    Options,
+    check_weights,
+    counted_rows,
+    finish,
+    make_options,
+    row_cotangents,
+    row_stats,
+)
+from ._validation import check_floating, check_integer, check_shape, compute_dtype
+
+BLOCK_BYTES = 16 * 2**20
+"""The default ``block_size`` aims at about this many bytes of float32 ``block_size x V``
+temporaries (the logits of a block, their cotangent and one fused intermediate)."""
+
+_TEMPS_PER_ROW = 3  # float32 arrays of one block row (V entries) alive at once
+
+
+def default_block_size(num_rows: int, num_classes: int) -> int:
+    """Rows per block: about :data:`BLOCK_BYTES` of temporaries, a multiple of 8 (>= 8)."""
+    rows = BLOCK_BYTES // (4 * _TEMPS_PER_ROW * max(num_classes, 1))
+    rows = max(8, rows // 8 * 8)
+    return max(1, min(num_rows, rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# One sweep over the blocks of rows. Every mode reads the same logits z_b = x_b w + bias; the
+# shared mathematics of _losses.py turns them into statistics and cotangents.
+
+
+def _logits(xb, w, bias, dtype):
+    z = lax.dot_general(xb, w, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+    return z if bias is None else z + bias.astype(dtype)
+
+
+def _add_outer(dw, xb, dz, dtype):
+    """``dw + xb^T dz`` in place, a slab of columns at a time: no ``[D, V]`` temporary.
+
+    (XLA does not fuse the accumulation into the matmul, so a single ``dw + xb^T dz`` would
+    hold a second ``[D, V]`` array.)
+    """
+    num_classes = dz.shape[1]
+    cols = max(128, BLOCK_BYTES // (4 * dw.shape[0]) // 128 * 128)
+
+    def add(start, size, dw):
+        dzc = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
+        prod = lax.dot_general(xb, dzc, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
+        slab = lax.dynamic_slice_in_dim(dw, start, size, axis=1) + prod
+        return lax.dynamic_update_slice_in_dim(dw, slab, start, axis=1)
+
+    return _blocks(num_classes, cols, add, dw)
+
+
+def _blocks(total, size, fn, carry):
+    """``fn(start, size, carry)`` over ``[0, total)`` in blocks, the last one ragged (static)."""
+    full, rest = divmod(total, size) if total else (0, 0)
+    if full == 1:
+        carry = fn(0, size, carry)
+    elif full > 1:
+        carry = lax.fori_loop(0, full, lambda i, c: fn(i * size, size, c), carry)
+    if rest:
+        carry = fn(full * size, rest, carry)
+    return carry
+
+
+def _sweep(
+    x, w, bias, labels, mask, class_weights, opts: Options, block: int, *,
+    stats=None, g_loss=None, g_lse=None, want=(False, False, False),
+):
+    """Walk over the rows of ``x`` [N, D] in blocks of ``block``.
+
+    ``stats`` None: compute the per-example ``(loss, logsumexp, target_mass, correct)``;
+    otherwise it is the saved ``(logsumexp, target_mass)`` and only cotangents are computed.
+    ``g_loss`` (and ``g_lse``, None for 0) [N]: the per-example cotangents; when given, the
+    gradients ``want = (dx, dw, dbias)`` (and ``dclass_weights`` with class weights) are
+    accumulated in the same pass. Returns ``(stats, grads)``.
+    """
+    spec = opts.spec
+    n = x.shape[0]
+    dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
+    want_dx, want_dw, want_db = want
+    grads_on = g_loss is not None
+    compute_stats = stats is None
+
+    def body(start, size, carry):
+        rows, acc = carry
+        xb = lax.dynamic_slice_in_dim(x, start, size)
+        yb = lax.dynamic_slice_in_dim(labels, start, size)
+        z = _logits(xb, w, bias, dtype)
+        if compute_stats:
+            st = row_stats(z, yb, mask, class_weights, spec)
+            lse, mass = st.logsumexp, st.target_mass
+            new = (st.loss, lse, mass, st.correct)
+            rows = tuple(lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, new))
+        else:
+            lse = lax.dynamic_slice_in_dim(stats[0], start, size)
+            mass = lax.dynamic_slice_in_dim(stats[1], start, size)
+        if grads_on:
+            gb = lax.dynamic_slice_in_dim(g_loss, start, size)
+            glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, size)
+            dz, _, dcw = row_cotangents(z, yb, mask, class_weights, lse, mass, gb, glb, spec)
+            dx, dw, db, dcw_acc = acc
+            dzl = dz.astype(w.dtype)  # the matmuls run in the inputs' dtype, accumulate in f32
+            if want_dx:
+                dxb = lax.dot_general(dzl, w, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+                dx = lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), start, 0)
+            if want_dw:
+                dw = _add_outer(dw, xb, dzl, dtype)
+            if want_db:
+                db = db + jnp.sum(dz, axis=0)
+            if dcw is not None:
+                dcw_acc = dcw_acc + dcw
+            acc = (dx, dw, db, dcw_acc)
+        return rows, acc
+
+    rows = ()
+    if compute_stats:
+        rows = tuple(jnp.zeros((n,), dtype) for _ in range(4))
+    acc = ()
+    if grads_on:
+        num_classes = w.shape[1]
+        # dx stays in float32 when it still has to be summed over a sharded class axis.
+        dx_dtype = dtype if spec.class_axis_name is not None else x.dtype
+        acc = (
+            jnp.zeros(x.shape, dx_dtype) if want_dx else None,
+            jnp.zeros(w.shape, dtype) if want_dw else None,
+            jnp.zeros((num_classes,), dtype) if want_db else None,
+            None if class_weights is None else jnp.zeros_like(class_weights),
+        )
+    rows, acc = _blocks(n, block, body, (rows, acc))
+    if grads_on:
+        dx, dw, db, dcw = acc
+        if dx is not None and spec.class_axis_name is not None:
+            dx = lax.psum(dx, spec.class_axis_name)  # each shard held a slice of the classes
+        acc = (dx, dw, db, dcw)
+    else:
+        acc = (None, None, None, None)
+    return rows, acc
+
+
+def _cast_grads(grads, x, w, bias, class_weights):
+    dx, dw, db, dcw = grads
+    cast = lambda g, ref: None if g is None or ref is None else g.astype(ref.dtype)
+    return cast(dx, x), cast(dw, w), cast(db, bias), cast(dcw, class_weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# reduction="none" (and the general case): per-example outputs, blocks recomputed backward.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _rows(x, w, bias, labels, mask, class_weights, opts, block):
+    (loss, lse, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
+    return loss, lse, correct
+
+
+def _rows_fwd(x, w, bias, labels, mask, class_weights, opts, block):
+    (loss, lse, mass, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
+    return (loss, lse, correct), (x, w, bias, labels, mask, class_weights, lse, mass)
+
+
+def _rows_bwd(opts, block, residuals, cotangents):
+    x, w, bias, labels, mask, class_weights, lse, mass = residuals
+    g_loss, g_lse, _ = cotangents
+    _, grads = _sweep(
+        x, w, bias, labels, mask, class_weights, opts, block, stats=(lse, mass),
+        g_loss=g_loss, g_lse=g_lse, want=(True, True, bias is not None),
+    )
+    dx, dw, db, dcw = _cast_grads(grads, x, w, bias, class_weights)
+    return dx, dw, db, None, None, dcw
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scalar reductions: loss and gradients in one pass; the backward pass scales them.
+
+
+def _finish_fn(labels, counted, correct, opts):
+    """``finish`` as a function of the differentiable inputs (the aux's ``correct`` left out)."""
+
+    def fn(loss, lse, class_weights, sample_weights):
+        out = finish(loss, lse, correct, labels, counted, class_weights, sample_weights, opts)
+        if not opts.return_aux:
+            return out, {}
+        out, aux = out
+        return out, {k: v for k, v in aux.items() if k != "correct"}
+
+    return fn
+
+
+def _example_cotangents(labels, counted, class_weights, sample_weights, opts, dtype):
+    """d(reduced loss)/d(per-example loss): the reduction is linear in the losses."""
+    zeros = jnp.zeros(labels.shape, dtype)
+    fn = _finish_fn(labels, counted, zeros, opts._replace(return_aux=False))
+    out, pull = jax.vjp(lambda loss: fn(loss, zeros, class_weights, sample_weights)[0], zeros)
+    (g,) = pull(jnp.ones_like(out))
+    return g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _reduced(x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block):
+    (loss, lse, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
+    return finish(loss, lse, correct, labels, counted, class_weights, sample_weights, opts)
+
+
+def _value(p):
+    return jax.tree.map(lambda leaf: leaf.value, p)
+
+
+def _perturbed(p):
+    return any(leaf.perturbed for leaf in jax.tree.leaves(p))
+
+
+def _reduced_fwd(x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block):
+    want = (_perturbed(x), _perturbed(w), _perturbed(bias))
+    x, w, bias, labels, mask, class_weights, sample_weights, counted = map(
+        _value, (x, w, bias, labels, mask, class_weights, sample_weights, counted)
+    )
+    g_loss = None  # gradients in the same pass, unless nothing needs them
+    if any(want) or class_weights is not None:
+        dtype = compute_dtype(x.dtype)
+        g_loss = _example_cotangents(labels, counted, class_weights, sample_weights, opts, dtype)
+    (loss, lse, mass, correct), grads = _sweep(
+        x, w, bias, labels, mask, class_weights, opts, block, g_loss=g_loss, want=want
+    )
+    fn = _finish_fn(labels, counted, correct, opts)
+    (out, aux), pull = jax.vjp(fn, loss, lse, class_weights, sample_weights)
+    result = (out, {**aux, "correct": (correct > 0.5) & counted}) if opts.return_aux else out
+    inputs = (x, w, bias, labels, mask, class_weights, lse, mass)
+    return result, (grads, pull, inputs, want)
+
+
+def _reduced_bwd(opts, block, residuals, cotangents):
+    grads, pull, inputs, want = residuals
+    x, w, bias, labels, mask, class_weights, lse, mass = inputs
+    g_out, g_aux = cotangents if opts.return_aux else (cotangents, {})
+    g_aux = {k: v for k, v in g_aux.items() if k != "correct"}
+
+    def instantiate(g, like):
+        return jnp.zeros(like.shape, like.dtype) if isinstance(g, SymbolicZero) else g
+
+    aux_is_zero = all(isinstance(g, SymbolicZero) for g in g_aux.values())
+    g_out = instantiate(g_out, g_out)
+    g_aux = {k: instantiate(g, g) for k, g in g_aux.items()}
+    g_loss, g_lse, d_class_weights, d_sample_weights = pull((g_out, g_aux))
+    if aux_is_zero:  # the usual case: d(out)/d(inputs) was computed forward, scale it
+        dx, dw, db, dcw = (None if g is None else g_out.astype(g.dtype) * g for g in grads)
+    else:  # the aux outputs are differentiated too: recompute the blocks with both cotangents
+        _, (dx, dw, db, dcw) = _sweep(
+            x, w, bias, labels, mask, class_weights, opts, block, stats=(lse, mass),
+            g_loss=g_loss, g_lse=g_lse, want=want,
+        )
+    if dcw is not None:
+        dcw = dcw + d_class_weights
+    dx, dw, db, dcw = _cast_grads((dx, dw, db, dcw), x, w, bias, class_weights)
+    return dx, dw, db, None, None, dcw, d_sample_weights, None
+
+
+_reduced.defvjp(_reduced_fwd, _reduced_bwd, symbolic_zeros=True)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_softmax_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    *,
+    bias: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    base: float | None = None,
+    reduction: str = "mean",
+    return_aux: bool = False,
+    block_size: int | None = None,
+    class_axis_name: Any = None,
+    batch_axis_name: Any = None,
+):
+    r"""Softmax cross-entropy of the logits ``x @ w + bias`` against integer labels, blockwise.
+
+    The same numbers as
+    ``softmax_cross_entropy_with_integer_labels(x @ w + bias, labels, <same options>)``, and
+    the same gradients with respect to ``x``, ``w``, ``bias`` (and the weights), without ever
+    holding the N x V logits: the rows are processed in blocks of ``block_size``.
+
+    Args:
+      x: activations ``[..., D]`` (floating).
+      w: the output layer ``[D, V]``, as in ``x @ w`` (a Flax ``Dense`` kernel).
+      labels: integer class ids of ``x``'s batch shape ``x.shape[:-1]``.
+      bias: optional ``[V]``.
+      where: optional boolean ``[V]`` class mask (e.g. the padding columns of a vocabulary).
+      ignore_index: examples whose label equals it get loss 0 and gradient 0, and do not
+        count in ``"mean"``.
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; targets become
+        :math:`(1 - \varepsilon) y + \varepsilon / K` over the unmasked classes.
+      class_weights: ``[V]``; weight :math:`w_k` multiplies class k's term (the mean divides
+        by the counted examples' :math:`w_{y_n}`).
+      sample_weights: ``x``'s batch shape; multiplies each example's loss.
+      z_loss: :math:`\lambda_z \ge 0`; adds :math:`\lambda_z \operatorname{lse}(z)^2` per example.
+      logit_softcap: :math:`c > 0`; logits pass through :math:`c \tanh(z / c)` first.
+      base: logarithm base of the loss (``None`` nats, ``2`` bits).
+      reduction: ``"mean"`` (default: over counted examples, 0 if none counts), ``"sum"`` or
+        ``"none"``.
+      return_aux: also return a dict with per-example ``logsumexp``, the ``z_loss`` term and
+        ``correct`` (the label's logit is the largest).
+      block_size: rows per block; by default about :data:`BLOCK_BYTES` of float32 temporaries
+        (``block_size x V``), at least 8 rows.
+      class_axis_name: inside ``shard_map``, the mesh axis over which ``w``'s V axis (and
+        ``bias``, ``where``, ``class_weights``) is split in contiguous slices; ``dx`` is summed
+        over it, ``dw`` stays local.
+      batch_axis_name: the mesh axis over which the batch is split; ``"sum"`` and ``"mean"``
+        become global.
+
+    Returns:
+      The loss in float32 (or wider): a scalar, or per example with ``reduction="none"``;
+      with ``return_aux`` the pair ``(loss, aux)``.
+
+    Note:
+      With ``"mean"`` or ``"sum"`` the gradients are computed during the forward pass (the
+      reduction's cotangent per example is known up front) and the backward pass only scales
+      them; ``reduction="none"`` recomputes the blocks backward. Saved between the passes:
+      the gradients themselves, or O(N) statistics. The matmuls run in the inputs' dtype with
+      float32 accumulation (``preferred_element_type``); the gradient of ``w`` is accumulated
+      in float32 (a ``[D, V]`` float32 buffer for bf16 ``w``) and returned in ``w``'s dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> w = jnp.array([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+      >>> labels = jnp.array([0, 1])
+      >>> print(jaxce.linear_softmax_cross_entropy(x, w, labels, reduction="none").round(5))
+      [0.40761 1.40761]
+      >>> print(jaxce.linear_softmax_cross_entropy(x, w, labels, block_size=1).round(5))
+      0.90761
+    """
+    opts = make_options(
+        integer_labels=True,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        base=base,
+        reduction=reduction,
+        return_aux=return_aux,
+        ignore_index=ignore_index,
+        class_axis_name=class_axis_name,
+        batch_axis_name=batch_axis_name,
+    )
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    check_floating("x", x)
+    check_floating("w", w)
+    dtype = jnp.result_type(x.dtype, w.dtype)  # a no-op in the usual case of equal dtypes
+    x, w = x.astype(dtype), w.astype(dtype)
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape [..., D], got shape {x.shape}")
+    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"w shape {w.shape} does not match x shape {x.shape}: expected [D, V], D={x.shape[-1]}"
+        )
+    num_classes = w.shape[1]
+    batch_shape = x.shape[:-1]
+    labels = jnp.asarray(labels)
+    check_integer("labels", labels)
+    check_shape("labels", labels, batch_shape, "x's batch shape")
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        check_floating("bias", bias)
+        check_shape("bias", bias, (num_classes,), "w's classes")
+    mask = None
+    if where is not None:
+        mask = jnp.asarray(where)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
+        check_shape("where", mask, (num_classes,), "w's classes")
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+    ):
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    class_weights, sample_weights = check_weights(
+        class_weights, sample_weights, num_classes, batch_shape
+    )
+    n = labels.size
+    block = block_size or default_block_size(n, num_classes)
+    x2 = x.reshape(n, x.shape[-1])
+    y = labels.reshape(n)
+    sw = None if sample_weights is None else sample_weights.reshape(n)
+    counted = counted_rows(y, mask, opts)
+    if opts.reduction == "none":
+        loss, lse, correct = _rows(x2, w, bias, y, mask, class_weights, opts, block)
+        out = finish(loss, lse, correct, y, counted, class_weights, sw, opts)
+    else:
+        out = _reduced(x2, w, bias, y, mask, class_weights, sw, counted, opts, block)
+    unflat = lambda a: a.reshape(batch_shape) if a.ndim == 1 else a
+    return jax.tree.map(unflat, out)

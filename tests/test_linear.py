@@ -1,0 +1,289 @@
+"""linear_softmax_cross_entropy: the blockwise loss of ``x @ w + bias`` equals the unchunked one.
+
+References: NumPy float64 (the closed forms lse - z_y and p - y) for the plain loss, and the
+unchunked ``softmax_cross_entropy_with_integer_labels(x @ w + bias, ...)`` (itself tested against
+NumPy in tests/test_losses.py) for every option, both run in float64 under ``enable_x64`` so the
+comparison is tight; float32 and bf16 runs check the dtypes and the rounding.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy.special import logsumexp
+
+import jaxce
+from jaxce import _linear
+
+IGNORE = -100
+
+
+def make_problem(rng, n=13, d=6, v=11, ignored=(), masked=(), dtype=np.float64):
+    x = rng.normal(size=(n, d)).astype(dtype)
+    w = (rng.normal(size=(d, v)) / np.sqrt(d)).astype(dtype)
+    b = (0.5 * rng.normal(size=(v,))).astype(dtype)
+    allowed = np.array([k for k in range(v) if k not in masked])
+    y = rng.choice(allowed, size=n).astype(np.int32)
+    y[list(ignored)] = IGNORE
+    return x, w, b, y
+
+
+def both(options, x, w, b, y, block_size, argnums=(0, 1, 2), reduction="mean", cotangent=None):
+    """(value, grads) of the blockwise and the unchunked loss, summed against ``cotangent``."""
+
+    def reduce(out):
+        return jnp.sum(out * cotangent) if cotangent is not None else jnp.sum(out)
+
+    def blockwise(x, w, b, cw, sw):
+        return reduce(
+            jaxce.linear_softmax_cross_entropy(
+                x, w, y, bias=b, class_weights=cw, sample_weights=sw, reduction=reduction,
+                block_size=block_size, **options,
+            )
+        )
+
+    def plain(x, w, b, cw, sw):
+        return reduce(
+            jaxce.softmax_cross_entropy_with_integer_labels(
+                x @ w + b, y, class_weights=cw, sample_weights=sw, reduction=reduction, **options
+            )
+        )
+
+    return blockwise, plain
+
+
+OPTIONS = {
+    "plain": {},
+    "ignore_index": dict(ignore_index=IGNORE),
+    "label_smoothing": dict(label_smoothing=0.2),
+    "z_loss": dict(z_loss=0.01),
+    "logit_softcap": dict(logit_softcap=1.5),
+    "base": dict(base=2),
+    "where": "where",
+    "class_weights": "class_weights",
+    "sample_weights": "sample_weights",
+    "everything": "everything",
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_matches_unchunked_loss_and_gradients(rng, name, reduction):
+    with jax.enable_x64(True):
+        n, v = 13, 11
+        masked = (2, 7) if name in ("where", "everything") else ()
+        x, w, b, y = make_problem(rng, n=n, v=v, ignored=(1, 5), masked=masked)
+        options = OPTIONS[name]
+        cw = sw = None
+        if isinstance(options, str):
+            options = {}
+            if name in ("where", "everything"):
+                options["where"] = np.isin(np.arange(v), masked, invert=True)
+            if name in ("class_weights", "everything"):
+                cw = rng.uniform(0.5, 2.0, size=v)
+            if name in ("sample_weights", "everything"):
+                sw = rng.uniform(0.0, 2.0, size=n)
+            if name == "everything":
+                options.update(
+                    ignore_index=IGNORE, label_smoothing=0.1, z_loss=0.01, logit_softcap=2.0,
+                    base=2,
+                )
+        if "ignore_index" not in options:
+            y = np.where(y == IGNORE, 0, y)
+        cotangent = rng.normal(size=n) if reduction == "none" else None
+        blockwise, plain = both(options, x, w, b, y, 4, reduction=reduction, cotangent=cotangent)
+        argnums = tuple(i for i, a in enumerate((x, w, b, cw, sw)) if a is not None)
+        args = (x, w, b, cw, sw)
+        got, got_grads = jax.value_and_grad(blockwise, argnums=argnums)(*args)
+        want, want_grads = jax.value_and_grad(plain, argnums=argnums)(*args)
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        assert len(got_grads) == len(argnums)
+        for g, h in zip(got_grads, want_grads):
+            assert g.shape == h.shape
+            np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-12)
+
+
+def numpy_reference(x, w, b, y):
+    """Mean loss and its gradients in float64 NumPy: lse - z_y and (p - onehot) / N."""
+    z = x @ w + b
+    lse = logsumexp(z, axis=-1)
+    n = len(y)
+    loss = np.mean(lse - z[np.arange(n), y])
+    dz = np.exp(z - lse[:, None])
+    dz[np.arange(n), y] -= 1.0
+    dz /= n
+    return loss, dz @ w.T, x.T @ dz, dz.sum(0)
+
+
+@pytest.mark.parametrize("n, v, block_size", [(1, 5, None), (17, 7, 4), (16, 33, 8), (9, 130, 5)])
+def test_float32_matches_numpy(rng, n, v, block_size):
+    x, w, b, y = make_problem(rng, n=n, v=v, dtype=np.float32)
+    f = lambda x, w, b: jaxce.linear_softmax_cross_entropy(x, w, y, bias=b, block_size=block_size)
+    loss, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, b)
+    ref = numpy_reference(*(a.astype(np.float64) for a in (x, w, b)), y)
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(loss, ref[0], rtol=2e-6)
+    for g, r, a in zip(grads, ref[1:], (x, w, b)):
+        assert g.dtype == jnp.float32 and g.shape == a.shape
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("v", [1, 3, 37, 300])
+@pytest.mark.parametrize("n, block_size", [(1, 1), (10, 3), (10, 10), (10, 64), (23, 8)])
+def test_ragged_blocks(rng, monkeypatch, n, v, block_size):
+    # A tiny byte budget makes the dw accumulation go column slab by column slab (128 wide),
+    # so V=300 also has a ragged last slab.
+    monkeypatch.setattr(_linear, "BLOCK_BYTES", 1024)
+    with jax.enable_x64(True):
+        x, w, b, y = make_problem(rng, n=n, v=v)
+        blockwise, plain = both(dict(label_smoothing=0.1), x, w, b, y, block_size)
+        got = jax.value_and_grad(blockwise, argnums=(0, 1, 2))(x, w, b, None, None)
+        want = jax.value_and_grad(plain, argnums=(0, 1, 2))(x, w, b, None, None)
+        for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-13)
+
+
+def test_default_block_size_is_flat_in_v():
+    for v in (32768, 65536, 262144):
+        rows = _linear.default_block_size(4096, v)
+        assert rows % 8 == 0 and rows >= 8
+        assert rows * v * 4 * 3 <= max(_linear.BLOCK_BYTES, 8 * v * 4 * 3)
+    assert _linear.default_block_size(5, 10) == 5
+
+
+def test_bfloat16(rng):
+    x, w, b, y = make_problem(rng, n=40, d=16, v=50, dtype=np.float32)
+    xb, wb, bb = (jnp.asarray(a, jnp.bfloat16) for a in (x, w, b))
+    f = lambda x, w, b: jaxce.linear_softmax_cross_entropy(x, w, y, bias=b, block_size=16)
+    loss, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(xb, wb, bb)
+    # Reference: the same bf16 numbers, computed in float64.
+    ref = numpy_reference(*(np.asarray(a, np.float64) for a in (xb, wb, bb)), y)
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(loss, ref[0], rtol=1e-5)
+    for g, r, a in zip(grads, ref[1:], (xb, wb, bb)):
+        assert g.dtype == jnp.bfloat16 and g.shape == a.shape
+        # dz is rounded to bf16 before the matmuls (as the naive code's bf16 logit gradient).
+        np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=2e-2, atol=2e-2 * abs(r).max())
+
+
+def test_ignored_rows_and_all_ignored(rng):
+    x, w, b, y = make_problem(rng, n=8, v=9, ignored=(0, 3), dtype=np.float32)
+    f = lambda x, y: jaxce.linear_softmax_cross_entropy(x, w, y, ignore_index=IGNORE, block_size=3)
+    loss, dx = jax.value_and_grad(f)(x, y)
+    keep = y != IGNORE
+    ref = numpy_reference(x[keep].astype(np.float64), w.astype(np.float64), 0.0, y[keep])
+    np.testing.assert_allclose(loss, ref[0], rtol=2e-6)
+    np.testing.assert_array_equal(dx[~keep], 0.0)
+    np.testing.assert_allclose(dx[keep], ref[1], rtol=1e-5, atol=1e-7)
+    for reduction in ("mean", "sum", "none"):
+        g = lambda x, w: jnp.sum(
+            jaxce.linear_softmax_cross_entropy(
+                x, w, jnp.full(8, IGNORE), ignore_index=IGNORE, reduction=reduction, block_size=3
+            )
+        )
+        loss, (dx, dw) = jax.value_and_grad(g, argnums=(0, 1))(x, w)
+        assert loss == 0.0
+        np.testing.assert_array_equal(dx, 0.0)
+        np.testing.assert_array_equal(dw, 0.0)
+
+
+def test_batch_dims_vmap_and_jit(rng):
+    x, w, b, y = make_problem(rng, n=12, v=9, dtype=np.float32)
+    x3, y3 = x.reshape(2, 2, 3, 6), y.reshape(2, 2, 3)
+    per_example = jaxce.linear_softmax_cross_entropy(x3, w, y3, reduction="none", block_size=5)
+    assert per_example.shape == (2, 2, 3)
+    flat = jaxce.linear_softmax_cross_entropy(x, w, y, reduction="none", block_size=5)
+    np.testing.assert_allclose(per_example.reshape(-1), flat, rtol=1e-6)
+
+    f = lambda x, w, y: jaxce.linear_softmax_cross_entropy(x, w, y, block_size=4)
+    vg = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1)), in_axes=(0, None, 0)))
+    losses, (dx, dw) = vg(x.reshape(2, 6, 6), w, y.reshape(2, 6))
+    for i in range(2):
+        xi, yi = x.reshape(2, 6, 6)[i], y.reshape(2, 6)[i]
+        ref = numpy_reference(xi.astype(np.float64), w.astype(np.float64), 0.0, yi)
+        np.testing.assert_allclose(losses[i], ref[0], rtol=2e-6)
+        np.testing.assert_allclose(dx[i], ref[1], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(dw[i], ref[2], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_of_w_alone_and_of_aux(rng):
+    with jax.enable_x64(True):
+        x, w, b, y = make_problem(rng, n=10, v=8)
+        kw = dict(z_loss=0.1, return_aux=True, block_size=3)
+
+        def blockwise(x, w):
+            loss, aux = jaxce.linear_softmax_cross_entropy(x, w, y, bias=b, **kw)
+            return loss + jnp.sum(aux["logsumexp"] ** 2) + jnp.sum(aux["z_loss"])
+
+        def plain(x, w):
+            loss, aux = jaxce.softmax_cross_entropy_with_integer_labels(
+                x @ w + b, y, reduction="mean", z_loss=0.1, return_aux=True
+            )
+            return loss + jnp.sum(aux["logsumexp"] ** 2) + jnp.sum(aux["z_loss"])
+
+        got = jax.value_and_grad(blockwise, argnums=(0, 1))(x, w)
+        want = jax.value_and_grad(plain, argnums=(0, 1))(x, w)
+        for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, h, rtol=1e-10)
+        # Only w perturbed: the forward pass skips dx.
+        only_w = jax.grad(lambda w: jaxce.linear_softmax_cross_entropy(x, w, y, block_size=3))(w)
+        ref = numpy_reference(x, w, 0.0, y)
+        np.testing.assert_allclose(only_w, ref[2], rtol=1e-10)
+        _, aux = jaxce.linear_softmax_cross_entropy(x, w, y, bias=b, **kw)
+        _, want_aux = jaxce.softmax_cross_entropy_with_integer_labels(
+            x @ w + b, y, reduction="mean", z_loss=0.1, return_aux=True
+        )
+        assert set(aux) == set(want_aux)
+        for k in aux:
+            np.testing.assert_allclose(aux[k], want_aux[k], rtol=1e-12)
+
+
+def test_bad_labels_like_the_unchunked_loss(rng):
+    x, w, b, y = make_problem(rng, n=4, v=5, dtype=np.float32)
+    y = np.array([0, 5, 2, 1], np.int32)  # 5 is out of range: NaN
+    where = np.array([True, True, False, True, True])  # a label on class 2: +inf
+    got = np.asarray(jaxce.linear_softmax_cross_entropy(x, w, y, where=where, reduction="none"))
+    assert np.isnan(got[1]) and np.isposinf(got[2]) and np.isfinite(got[[0, 3]]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(w=np.ones((5, 3))), ValueError, r"w shape \(5, 3\) does not match x shape \(4, 6\)"),
+        (dict(labels=np.zeros(3, np.int32)), ValueError, r"labels shape \(3,\)"),
+        (dict(labels=np.zeros(4)), TypeError, "labels must have an integer dtype"),
+        (dict(bias=np.ones(4)), ValueError, r"bias shape \(4,\)"),
+        (dict(where=np.ones(3)), TypeError, "where must be a boolean mask"),
+        (dict(where=np.ones(4, bool)), ValueError, r"where shape \(4,\)"),
+        (dict(block_size=0), ValueError, "block_size must be a positive int"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    ],
+)
+def test_errors(kwargs, error, message):
+    args = dict(x=np.ones((4, 6), np.float32), w=np.ones((6, 3), np.float32),
+                labels=np.zeros(4, np.int32))
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        jaxce.linear_softmax_cross_entropy(args.pop("x"), args.pop("w"), args.pop("labels"), **args)
+
+
+def temp_bytes(f, *shapes):
+    step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    return step.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_temp_memory_50x_below_naive():
+    n, d, v = 4096, 512, 65536
+    shapes = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    naive = temp_bytes(
+        lambda x, w, y: optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean(), *shapes
+    )
+    ours = temp_bytes(lambda x, w, y: jaxce.linear_softmax_cross_entropy(x, w, y), *shapes)
+    assert naive >= 2 * n * v * 4  # the logits and their gradient
+    assert ours * 50 <= naive, (ours, naive)
