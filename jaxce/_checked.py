@@ -218,6 +218,7 @@ def check_distribution(
     *,
     where: jax.Array | None = None,
     log: bool = False,
+    dtype=None,
 ) -> None:
     r"""In checked mode: ``p`` holds distributions along ``axis``.
 
@@ -226,7 +227,9 @@ def check_distribution(
     ``p`` holds log-probabilities: NaN and :math:`+\infty` are errors, :math:`-\infty`
     (probability 0) is allowed, and :math:`\sum_k e^{p_k}` must be within the tolerance of 1.
     The tolerance is :func:`checked`'s ``tolerance``, by default :func:`default_tolerance` of
-    ``p``'s dtype. ``where`` is the function's mask (raw or broadcast).
+    ``dtype``: the dtype the caller received ``p`` in (``p``'s own dtype if ``None``; pass it
+    when ``p`` was already upcast, or bf16 labels would be held to float32's tolerance).
+    ``where`` is the function's mask (raw or broadcast).
 
     Messages: ``labels[1, 2] = -0.1 is negative``, ``labels[1, :] sums to 0.8, not 1
     (tolerance 0.001)``, ``log_probs[0, :] exp-sums to 2, not 1 (tolerance 0.001)``.
@@ -240,7 +243,7 @@ def check_distribution(
     keep = jnp.ones(p.shape, bool) if mask is None else mask
     tol = settings.tolerance
     if tol is None:
-        tol = default_tolerance(p.dtype)
+        tol = default_tolerance(p.dtype if dtype is None else dtype)
     at = _index_template(name, p.ndim, "i")
     bad = keep & (jnp.isnan(p) | (p == jnp.inf))
     if not log:
@@ -326,17 +329,20 @@ def checked(
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxce
-      >>> from jaxce._checked import checked, check_labels
-      >>> def loss(logits, labels):  # stands in for any function calling jaxce
-      ...     check_labels(labels, logits.shape[-1])
-      ...     return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
-      >>> logits = jnp.zeros((4, 5))
-      >>> print(checked(loss)(logits, jnp.array([0, 1, 2, 4])))
-      1.609438
-      >>> checked(jax.jit(loss))(logits, jnp.array([0, 1, 2, 7]))
+      >>> loss = jax.jit(jaxce.softmax_cross_entropy_with_integer_labels)
+      >>> logits = jnp.array([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
+      >>> print(jaxce.checked(loss)(logits, jnp.array([0, 1])).round(6))
+      [0.407606 1.407606]
+      >>> print(loss(logits, jnp.array([0, 3])).round(6))  # unchecked: NaN for a label with no class
+      [0.407606      nan]
+      >>> jaxce.checked(loss)(logits, jnp.array([0, 3]))
       Traceback (most recent call last):
       ...
-      jaxce._checked.CheckError: jaxce.checked: labels[3] = 7 is outside [0, 5) (ignore_index=None)
+      jaxce._checked.CheckError: jaxce.checked: labels[1] = 3 is outside [0, 3) (ignore_index=None)
+      >>> jaxce.checked(jaxce.softmax_cross_entropy)(logits, jnp.array([[0.5, 0.5, 0.0]] * 2) * 0.9)
+      Traceback (most recent call last):
+      ...
+      jaxce._checked.CheckError: jaxce.checked: labels[0, :] sums to 0.9, not 1 (tolerance 0.001)
     """
     if tolerance is not None:
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):

@@ -250,6 +250,23 @@ def test_huge_logits_accurate(x):
     np.testing.assert_allclose(g, sp.softmax(x64), rtol=1e-6, atol=1e-7)
 
 
+def test_pos_inf_logsumexp_is_inf():
+    assert float(jaxce.logsumexp(jnp.array([jnp.inf, 0.0, 1.0]))) == np.inf
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a +inf entry makes softmax return 'probabilities' above 1 ([inf, 1, e]) and "
+    "log_softmax positive values ([inf, 0, 1]); jax.nn and SciPy give NaN there",
+)
+def test_pos_inf_row_is_nan_not_a_probability_above_one():
+    z = jnp.array([jnp.inf, 0.0, 1.0])
+    p = np.asarray(jaxce.softmax(z))
+    lp = np.asarray(jaxce.log_softmax(z))
+    assert np.isnan(p[0]) and not np.any(p > 1)
+    assert np.isnan(lp[0]) and not np.any(lp > 0)
+
+
 # ------------------------------------------------------------------------------------------
 # Low precision
 

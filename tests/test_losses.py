@@ -1,0 +1,747 @@
+"""Tests for the cross-entropy losses: REFERENCE.md sections 3-5, optax parity, the closed-form
+p - y backward against autodiff of plain compositions, edge cases, bad input, and every option
+of issue 4 against a float64 reference written from its documented formula."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.special as sp
+from jax.test_util import check_grads
+
+import jaxce
+
+ce_soft = jaxce.softmax_cross_entropy
+ce_int = jaxce.softmax_cross_entropy_with_integer_labels
+bce = jaxce.sigmoid_binary_cross_entropy
+
+F32 = dict(rtol=1e-5, atol=1e-6)
+X210 = np.array([2.0, 1.0, 0.0], np.float32)
+P210 = np.array([0.66524096, 0.24472847, 0.09003057])
+
+
+def ln(base):
+    return 1.0 if base is None else math.log(base)
+
+
+def dirichlet(rng, shape):
+    x = rng.gamma(1.0, size=shape)
+    return (x / x.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def f64(x):
+    return np.asarray(x, np.float64)
+
+
+# ------------------------------------------------------------------------------------------
+# The float64 reference, from the documented formulas (PyTorch semantics for weights), written
+# once for NumPy (values) and jax.numpy under x64 (gradients by plain autodiff).
+
+
+def ref_ce(
+    xp,
+    z,
+    labels,
+    *,
+    integer,
+    mask=None,
+    eps=0.0,
+    cw=None,
+    sw=None,
+    zl=0.0,
+    cap=None,
+    ignore=None,
+    reduction="none",
+    base=None,
+    sg=lambda a: a,
+):
+    """Cross-entropy of logits z [N, K] against labels [N] (integer) or [N, K] (soft).
+
+    Targets t = w * m * ((1 - eps) y + eps / K_m); loss = -sum_k t_k log p_k + zl * lse^2;
+    a row with no unmasked class or an ignored label has loss 0 and does not count; a label
+    outside [0, K) gives NaN. "mean" divides by sum of (w[y_n] for integer labels with class
+    weights, else 1) * sample weight over the counted rows (0 if nothing counts).
+    """
+    n, k = z.shape
+    if cap is not None:
+        z = cap * xp.tanh(z / cap)
+    m = xp.ones((n, k), bool) if mask is None else xp.broadcast_to(xp.asarray(mask), (n, k))
+    if integer:
+        y = (xp.arange(k)[None, :] == labels[:, None]).astype(z.dtype)
+    else:
+        y = labels
+    km = xp.sum(m, -1, keepdims=True)
+    u = xp.where(m, (1 - eps) * y + eps / xp.maximum(km, 1), 0.0)
+    t = u if cw is None else u * cw
+    zm = xp.where(m, z, -xp.inf)
+    peak = sg(xp.max(zm, -1, keepdims=True))
+    peak = xp.where(xp.isfinite(peak), peak, 0.0)
+    lse = xp.log(xp.sum(xp.where(m, xp.exp(xp.where(m, z, peak) - peak), 0.0), -1, keepdims=True))
+    lse = lse + peak
+    log_p = xp.where(m, z - lse, 0.0)
+    loss = -xp.sum(t * log_p, -1) + zl * lse[:, 0] ** 2
+    counted = km[:, 0] > 0
+    norm = xp.ones(n, z.dtype)
+    if integer:
+        if ignore is not None:
+            counted = counted & (labels != ignore)
+        valid = (labels >= 0) & (labels < k)
+        loss = xp.where(valid | ~counted, loss, xp.nan)
+        if cw is not None:
+            norm = cw[xp.clip(labels, 0, k - 1)]
+    loss = xp.where(counted, loss, 0.0)
+    if sw is not None:
+        loss, norm = loss * sw, norm * sw
+    if reduction == "none":
+        out = loss
+    elif reduction == "sum":
+        out = xp.sum(loss)
+    else:
+        den = xp.sum(xp.where(counted, norm, 0.0))
+        out = xp.where(den > 0, xp.sum(loss) / xp.where(den > 0, den, 1.0), 0.0)
+    return out / ln(base)
+
+
+def np_ref(z, labels, **kw):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ref_ce(np, f64(z), labels if kw.get("integer") else f64(labels), **kw)
+
+
+def jnp_ref_grad(argnums, z, labels, **kw):
+    """jax.grad of the float64 jax.numpy composition (sum of the output) at float64 inputs."""
+    names = ("z", "labels", "cw", "sw")
+    with jax.enable_x64(True):
+        args = {"z": jnp.asarray(z, jnp.float64), "labels": jnp.asarray(labels)}
+        if not kw.get("integer"):
+            args["labels"] = args["labels"].astype(jnp.float64)
+        for name in ("cw", "sw"):
+            if kw.get(name) is not None:
+                args[name] = jnp.asarray(kw.pop(name), jnp.float64)
+
+        def f(*vals):
+            a = dict(zip(names, vals))
+            extra = {n: a[n] for n in ("cw", "sw") if n in a}
+            return jnp.sum(
+                ref_ce(jnp, a["z"], a["labels"], sg=jax.lax.stop_gradient, **extra, **kw)
+            )
+
+        vals = tuple(args.get(n) for n in names if n in args)
+        grads = jax.grad(f, argnums)(*vals)
+        return jax.tree_util.tree_map(lambda g: np.asarray(g, np.float64), grads)
+
+
+# ------------------------------------------------------------------------------------------
+# REFERENCE.md section 2 and 3: the notes' numbers
+
+
+@pytest.mark.parametrize(
+    "label,base,expected",
+    [
+        (0, None, 0.40760596),
+        (0, 10, 0.17702102),
+        (0, 2, 0.40760596 / math.log(2)),
+        (1, None, 1.40760596),
+        (1, 10, 1.40760596 / math.log(10)),
+    ],
+)
+def test_reference_cross_entropy_numbers(label, base, expected):
+    onehot = np.eye(3, dtype=np.float32)[label]
+    np.testing.assert_allclose(ce_soft(X210, onehot, base=base), expected, rtol=1e-6)
+    np.testing.assert_allclose(ce_int(X210, jnp.array(label), base=base), expected, rtol=1e-6)
+    log_p = jaxce.log_softmax(X210)
+    np.testing.assert_allclose(jaxce.nll_loss(log_p, jnp.array(label), base=base), expected, rtol=1e-6)
+
+
+def test_reference_gradient_section_3():
+    expected = [-0.33475904, 0.24472847, 0.09003057]
+    y = jnp.array([1.0, 0.0, 0.0])
+    np.testing.assert_allclose(jax.grad(ce_soft)(X210, y), expected, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(ce_int)(X210, jnp.array(0)), expected, rtol=1e-6)
+    # Without the sum-to-one assumption: p * sum(y) - y.
+    y2 = jnp.array([2.0, 0.5, 0.0])
+    np.testing.assert_allclose(
+        jax.grad(ce_soft)(X210, y2), P210 * 2.5 - np.array([2.0, 0.5, 0.0]), rtol=1e-6
+    )
+
+
+def test_reference_hessian_section_3():
+    h = np.diag(P210) - np.outer(P210, P210)
+    for y in ([1.0, 0.0, 0.0], [0.2, 0.3, 0.5], [2.0, 0.5, 0.0]):
+        out = jax.hessian(ce_soft)(X210, jnp.array(y))
+        np.testing.assert_allclose(out, h * sum(y), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(jax.hessian(ce_int)(X210, jnp.array(2)), h, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        jax.hessian(lambda x: ce_int(x, jnp.array(2), base=2))(X210), h / math.log(2), rtol=1e-5, atol=1e-7
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# REFERENCE.md section 4: binary cross-entropy with a sigmoid, in bits
+
+
+def logit(p):
+    return np.float32(np.log(p / (1 - p)))
+
+
+@pytest.mark.parametrize("o,expected", [(0.98, 0.02914635), (0.0001, 13.28771238)])
+def test_reference_bce_bits(o, expected):
+    z = jnp.array(logit(o))
+    np.testing.assert_allclose(bce(z, jnp.array(1.0), base=2), expected, rtol=1e-5)
+    np.testing.assert_allclose(bce(z, jnp.array(1.0)), expected * math.log(2), rtol=1e-5)
+    # z = w x + b: de/dw = x (o - y) / ln b and de/db = (o - y) / ln b.
+    x = 3.0
+    b = 0.5
+    w = (float(z) - b) / x
+    gw, gb = jax.grad(lambda w, b: bce(w * x + b, jnp.array(1.0), base=2), (0, 1))(w, b)
+    np.testing.assert_allclose(gw, x * (o - 1.0) / math.log(2), rtol=1e-4)
+    np.testing.assert_allclose(gb, (o - 1.0) / math.log(2), rtol=1e-4)
+    # The badly wrong prediction gets the large gradient (no slow learning).
+    assert abs(float(gb)) > 0.9 / math.log(2) or o > 0.5
+
+
+def test_reference_bce_multilabel_sum(rng):
+    z = rng.normal(size=(4,)).astype(np.float32) * 3
+    y = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
+    o = sp.expit(f64(z))
+    ref = -(y * np.log(o) + (1 - y) * np.log1p(-o)).sum()
+    np.testing.assert_allclose(bce(z, y, reduction="sum"), ref, rtol=1e-5)
+    np.testing.assert_allclose(bce(z, y, reduction="sum", base=10), ref / math.log(10), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(lambda z: bce(z, y).sum())(z), o - y, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# REFERENCE.md section 5: softmax with log-likelihood
+
+
+def test_reference_nll_bits():
+    log_p = jnp.log(jnp.array([[0.0508, 0.9492], [0.8360, 0.1640]]))
+    out = jaxce.nll_loss(log_p, jnp.array([0, 0]), base=2)
+    np.testing.assert_allclose(out, [4.29902769, 0.25842515], rtol=1e-6)
+    assert float(out[0]) > float(out[1])  # wrong class: large loss
+
+
+def test_reference_batch_loss_forms(rng):
+    z = rng.normal(size=(6, 4)).astype(np.float32)
+    y = rng.integers(0, 4, size=6)
+    log_p = sp.log_softmax(f64(z), -1)
+    ref = -log_p[np.arange(6), y].mean()
+    onehot = np.eye(4, dtype=np.float32)[y]
+    np.testing.assert_allclose(ce_int(z, y, reduction="mean"), ref, rtol=1e-6)
+    np.testing.assert_allclose(ce_soft(z, onehot, reduction="mean"), ref, rtol=1e-6)
+    np.testing.assert_allclose(
+        jaxce.nll_loss(jaxce.log_softmax(z), y, reduction="mean"), ref, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        (onehot * -jnp.log(jaxce.softmax(z))).sum(1).mean(), ref, rtol=1e-6
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Parity with optax on ordinary inputs
+
+
+def test_optax_parity_soft(rng):
+    z = rng.normal(size=(4, 5)).astype(np.float32) * 2
+    y = dirichlet(rng, (4, 5))
+    np.testing.assert_allclose(ce_soft(z, y), optax.softmax_cross_entropy(z, y), **F32)
+    np.testing.assert_allclose(
+        jax.grad(lambda z: ce_soft(z, y).sum())(z),
+        jax.grad(lambda z: optax.softmax_cross_entropy(z, y).sum())(z),
+        **F32,
+    )
+    # axis 0 and a tuple axis
+    zt, yt = np.moveaxis(z, -1, 0), np.moveaxis(y, -1, 0)
+    np.testing.assert_allclose(ce_soft(zt, yt, 0), optax.softmax_cross_entropy(zt, yt, 0), **F32)
+    z3 = z.reshape(4, 1, 5)
+    y3 = y.reshape(4, 1, 5)
+    np.testing.assert_allclose(
+        ce_soft(z3, y3, (1, 2)), optax.softmax_cross_entropy(z3, y3, (1, 2)), **F32
+    )
+
+
+def test_optax_parity_soft_where(rng):
+    z = rng.normal(size=(4, 5)).astype(np.float32)
+    y = dirichlet(rng, (4, 5))
+    rows = np.array([True, False, True, True])  # batch shape: masks whole examples
+    np.testing.assert_allclose(
+        ce_soft(z, y, where=rows), optax.softmax_cross_entropy(z, y, where=jnp.asarray(rows)), **F32
+    )
+    np.testing.assert_array_equal(ce_soft(z, y, where=rows)[1], 0.0)
+    full = rng.random((4, 5)) > 0.3
+    full[:, 0] = True
+    y_masked = np.where(full, y, 0.0).astype(np.float32)
+    np.testing.assert_allclose(
+        ce_soft(z, y_masked, where=full),
+        optax.softmax_cross_entropy(z, y_masked, where=jnp.asarray(full)),
+        **F32,
+    )
+
+
+def test_optax_parity_integer(rng):
+    z = rng.normal(size=(4, 5)).astype(np.float32) * 2
+    y = rng.integers(0, 5, size=4)
+    np.testing.assert_allclose(ce_int(z, y), optax.softmax_cross_entropy_with_integer_labels(z, y), **F32)
+    np.testing.assert_allclose(
+        jax.grad(lambda z: ce_int(z, y).sum())(z),
+        jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).sum())(z),
+        **F32,
+    )
+    # tuple axis: classes over axes (1, 2) of a (2, 3, 4) input, labels a flat C-order index.
+    z3 = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    y3 = rng.integers(0, 12, size=2)
+    np.testing.assert_allclose(
+        ce_int(z3, y3, (1, 2)),
+        optax.softmax_cross_entropy_with_integer_labels(z3, y3, axis=(1, 2)),
+        **F32,
+    )
+    # axis 0
+    y0 = rng.integers(0, 3, size=4)
+    z0 = rng.normal(size=(3, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        ce_int(z0, y0, 0), optax.softmax_cross_entropy_with_integer_labels(z0, y0, axis=0), **F32
+    )
+    # a mask of classes
+    full = rng.random((4, 5)) > 0.3
+    full[np.arange(4), y] = True
+    np.testing.assert_allclose(
+        ce_int(z, y, where=full),
+        optax.softmax_cross_entropy_with_integer_labels(z, y, where=jnp.asarray(full)),
+        **F32,
+    )
+
+
+def test_integer_per_example_where_of_batch_shape(rng):
+    z = rng.normal(size=(4, 5)).astype(np.float32)
+    y = rng.integers(0, 5, size=4)
+    rows = np.array([True, False, False, True])
+    ref = np.where(rows, sp.logsumexp(f64(z), -1) - f64(z)[np.arange(4), y], 0.0)
+    np.testing.assert_allclose(ce_int(z, y, where=rows), ref, **F32)
+    full = np.broadcast_to(rows[:, None], (4, 5))
+    np.testing.assert_allclose(
+        ce_int(z, y, where=rows),
+        optax.softmax_cross_entropy_with_integer_labels(z, y, where=jnp.asarray(full)),
+        **F32,
+    )
+    np.testing.assert_allclose(
+        ce_int(z, y, where=rows, reduction="mean"), ref.sum() / 2, **F32
+    )
+    g = jax.grad(lambda z: ce_int(z, y, where=rows).sum())(z)
+    np.testing.assert_array_equal(np.asarray(g)[~rows], 0.0)
+
+
+def test_optax_parity_sigmoid_bce(rng):
+    z = rng.normal(size=(3, 4)).astype(np.float32) * 3
+    y = rng.random((3, 4)).astype(np.float32)
+    np.testing.assert_allclose(bce(z, y), optax.sigmoid_binary_cross_entropy(z, y), **F32)
+    np.testing.assert_allclose(
+        jax.grad(lambda z: bce(z, y).sum())(z),
+        jax.grad(lambda z: optax.sigmoid_binary_cross_entropy(z, y).sum())(z),
+        **F32,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# The custom gradient: closed form, plain composition, jacfwd of plain softmax, Hessian
+
+
+def plain_ce(x, y):
+    return -(y * jnp.log(jax.nn.softmax(x))).sum()
+
+
+@pytest.mark.parametrize("mass", [1.0, 0.4, 2.5])
+def test_custom_gradient_equals_closed_form_and_autodiff(rng, mass):
+    x = rng.normal(size=(5,)).astype(np.float32) * 2
+    y = dirichlet(rng, (5,)) * np.float32(mass)
+    p = sp.softmax(f64(x))
+    closed = p * f64(y).sum() - f64(y)
+    g = jax.grad(ce_soft)(x, y)
+    np.testing.assert_allclose(g, closed, **F32)
+    np.testing.assert_allclose(g, jax.grad(plain_ce)(x, y), **F32)
+    # Chain rule by hand: J^T (-y / p) with J = jacfwd of plain softmax.
+    jac = jax.jacfwd(jax.nn.softmax)(x)
+    np.testing.assert_allclose(g, jac.T @ (-y / jax.nn.softmax(x)), **F32)
+    # Soft-label gradient: -log_softmax.
+    np.testing.assert_allclose(jax.grad(ce_soft, 1)(x, y), -sp.log_softmax(f64(x)), **F32)
+    np.testing.assert_allclose(jax.grad(plain_ce, 1)(x, y), -sp.log_softmax(f64(x)), **F32)
+
+
+def test_custom_gradient_integer_batch_and_tuple_axis(rng):
+    z = rng.normal(size=(3, 2, 4)).astype(np.float32)
+    y = rng.integers(0, 8, size=3)
+    flat = f64(z).reshape(3, 8)
+    expected = (sp.softmax(flat, -1) - np.eye(8)[y]).reshape(3, 2, 4)
+    g = jax.grad(lambda z: ce_int(z, y, (1, 2)).sum())(z)
+    np.testing.assert_allclose(g, expected, **F32)
+    onehot = np.eye(8, dtype=np.float32)[y].reshape(3, 2, 4)
+    np.testing.assert_allclose(jax.grad(lambda z: ce_soft(z, onehot, (1, 2)).sum())(z), expected, **F32)
+    # The same under jit and vmap.
+    gj = jax.jit(jax.grad(lambda z: ce_int(z, y, (1, 2)).sum()))(z)
+    np.testing.assert_allclose(gj, expected, **F32)
+    gv = jax.vmap(jax.grad(lambda r, l: ce_int(r, l, (0, 1))))(z, y)
+    np.testing.assert_allclose(gv, expected, **F32)
+
+
+def test_hessian_batch(rng):
+    z = rng.normal(size=(2, 3)).astype(np.float32)
+    y = dirichlet(rng, (2, 3)) * np.float32(1.7)
+    h = jax.jit(jax.hessian(lambda z: ce_soft(z, y).sum()))(z)  # [2, 3, 2, 3]
+    for n in range(2):
+        p = sp.softmax(f64(z[n]))
+        np.testing.assert_allclose(
+            h[n, :, n, :], (np.diag(p) - np.outer(p, p)) * f64(y[n]).sum(), rtol=1e-5, atol=1e-7
+        )
+    np.testing.assert_array_equal(np.asarray(h)[0, :, 1, :], 0.0)
+    labels = np.array([2, 0])
+    h = jax.jit(jax.hessian(lambda z: ce_int(z, labels).sum()))(z)
+    p = sp.softmax(f64(z[1]))
+    np.testing.assert_allclose(h[1, :, 1, :], np.diag(p) - np.outer(p, p), rtol=1e-5, atol=1e-7)
+    h = jax.jit(jax.hessian(lambda z: bce(z, y).sum()))(z)
+    s = sp.expit(f64(z))
+    np.testing.assert_allclose(
+        np.einsum("ijij->ij", np.asarray(h)), s * (1 - s), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_check_grads():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        z = jnp.asarray(rng.normal(size=(2, 4)))
+        y = jnp.asarray(sp.softmax(rng.normal(size=(2, 4)), -1))
+        labels = jnp.array([1, 3])
+        # The plain references the other tests differentiate.
+        check_grads(jax.jit(plain_ce), (z, y), order=1, modes=["fwd", "rev"])
+        check_grads(jax.jit(plain_ce), (z, y), order=2, modes=["rev"])
+        plain = lambda z: ref_ce(
+            jnp, z, labels, integer=True, eps=0.1, zl=0.1, cap=3.0, sg=jax.lax.stop_gradient
+        ).sum()
+        check_grads(jax.jit(plain), (z,), order=1, modes=["fwd", "rev"])
+        # The custom VJPs: reverse mode, and second order through the backward pass.
+        options = dict(label_smoothing=0.1, z_loss=0.2, logit_softcap=2.0, base=2)
+        check_grads(jax.jit(lambda z, y: ce_soft(z, y, **options).sum()), (z, y), 2, modes=["rev"])
+        check_grads(jax.jit(lambda z: ce_int(z, labels, **options).sum()), (z,), 2, modes=["rev"])
+        check_grads(jax.jit(lambda z, y: bce(z, y).sum()), (z, y), order=2, modes=["rev"])
+
+
+@pytest.mark.parametrize("base", [2, 10, 0.5])
+def test_base_divides_loss_and_gradient(rng, base):
+    z = rng.normal(size=(3, 4)).astype(np.float32)
+    y = dirichlet(rng, (3, 4))
+    labels = np.array([0, 3, 1])
+    s = math.log(base)
+    for f, lab in ((ce_soft, y), (ce_int, labels), (bce, y)):
+        v0, g0 = jax.value_and_grad(lambda z: f(z, lab).sum())(z)
+        v, g = jax.value_and_grad(lambda z: f(z, lab, base=base).sum())(z)
+        np.testing.assert_allclose(v, v0 / s, rtol=1e-6)
+        np.testing.assert_allclose(g, g0 / s, rtol=1e-6, atol=1e-7)
+    lp = jaxce.log_softmax(z)
+    np.testing.assert_allclose(
+        jaxce.nll_loss(lp, labels, base=base), jaxce.nll_loss(lp, labels) / s, rtol=1e-6
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Reductions, ignore_index, out-of-range labels
+
+
+def test_reductions(rng):
+    z = rng.normal(size=(4, 3)).astype(np.float32)
+    y = dirichlet(rng, (4, 3))
+    labels = np.array([0, 2, 1, 1])
+    per = np_ref(z, labels, integer=True)
+    np.testing.assert_allclose(ce_int(z, labels, reduction="sum"), per.sum(), **F32)
+    np.testing.assert_allclose(ce_int(z, labels, reduction="mean"), per.mean(), **F32)
+    per = np_ref(z, y, integer=False)
+    np.testing.assert_allclose(ce_soft(z, y, reduction="sum"), per.sum(), **F32)
+    np.testing.assert_allclose(ce_soft(z, y, reduction="mean"), per.mean(), **F32)
+    o = sp.expit(f64(z))
+    per = -(f64(y) * np.log(o) + (1 - f64(y)) * np.log1p(-o))
+    np.testing.assert_allclose(bce(z, y, reduction="sum"), per.sum(), **F32)
+    np.testing.assert_allclose(bce(z, y, reduction="mean"), per.mean(), **F32)
+    for out in (ce_int(z, labels, reduction="mean"), ce_soft(z, y, reduction="sum")):
+        assert out.shape == () and out.dtype == jnp.float32
+
+
+def test_ignore_index(rng):
+    z = rng.normal(size=(4, 3)).astype(np.float32)
+    labels = np.array([0, -100, 2, -100])
+    out = ce_int(z, labels, ignore_index=-100)
+    np.testing.assert_allclose(out, np_ref(z, labels, integer=True, ignore=-100), **F32)
+    np.testing.assert_array_equal(np.asarray(out)[[1, 3]], 0.0)
+    mean = ce_int(z, labels, ignore_index=-100, reduction="mean")
+    np.testing.assert_allclose(mean, np.asarray(out).sum() / 2, **F32)  # 2 counted, not 4
+    g = jax.grad(lambda z: ce_int(z, labels, ignore_index=-100, reduction="mean"))(z)
+    p = sp.softmax(f64(z), -1)
+    expected = np.zeros((4, 3))
+    for n, c in ((0, 0), (2, 2)):
+        expected[n] = (p[n] - np.eye(3)[c]) / 2
+    np.testing.assert_allclose(g, expected, **F32)
+    # ignore_index may be a valid class id (PyTorch allows it): that class is ignored.
+    out = ce_int(z, np.array([0, 1, 2, 0]), ignore_index=0)
+    np.testing.assert_array_equal(np.asarray(out)[[0, 3]], 0.0)
+    assert np.all(np.asarray(out)[[1, 2]] > 0)
+
+
+def test_mean_with_nothing_counted_is_zero_with_zero_gradient(rng):
+    z = rng.normal(size=(3, 4)).astype(np.float32)
+    labels = np.full(3, -1)
+    cases = [
+        lambda z: ce_int(z, labels, ignore_index=-1, reduction="mean"),
+        lambda z: ce_int(z, labels, ignore_index=-1, reduction="mean", class_weights=jnp.ones(4)),
+        lambda z: ce_int(z, np.zeros(3, int), where=np.zeros(3, bool), reduction="mean"),
+        lambda z: ce_soft(z, dirichlet(rng, (3, 4)), where=np.zeros(3, bool), reduction="mean"),
+        lambda z: ce_soft(z, dirichlet(rng, (3, 4)), where=np.zeros((3, 4), bool), reduction="mean"),
+        lambda z: bce(z, np.ones((3, 4), np.float32), where=np.zeros((3, 4), bool), reduction="mean"),
+        lambda z: jaxce.nll_loss(z, labels, ignore_index=-1, reduction="mean"),
+    ]
+    for f in cases:
+        v, g = jax.value_and_grad(f)(z)
+        assert float(v) == 0.0
+        np.testing.assert_array_equal(g, 0.0)
+
+
+@pytest.mark.parametrize("bad_label", [-1, 4, 100, -100])
+def test_out_of_range_label_is_nan_not_a_wrap(rng, bad_label):
+    z = rng.normal(size=(2, 4)).astype(np.float32)
+    labels = np.array([1, bad_label])
+    out = np.asarray(ce_int(z, labels))
+    assert np.isnan(out[1])
+    np.testing.assert_allclose(out[0], sp.logsumexp(f64(z[0])) - z[0, 1], **F32)
+    assert np.isnan(float(ce_int(z, labels, reduction="mean")))
+    assert np.isnan(np.asarray(jaxce.nll_loss(jaxce.log_softmax(z), labels))[1])
+    # Not the loss of the wrapped class (what optax returns for -1).
+    wrapped = optax.softmax_cross_entropy_with_integer_labels(z, np.array([1, -1]))
+    assert np.isfinite(np.asarray(wrapped)[1])
+    # With another ignore_index, the bad label still gives NaN.
+    assert np.isnan(np.asarray(ce_int(z, labels, ignore_index=-7))[1])
+
+
+# ------------------------------------------------------------------------------------------
+# Edge cases: no NaN where the math is finite
+
+
+NEG = -np.inf
+LSE_ROUNDING = pytest.mark.xfail(
+    strict=True,
+    reason="the backward pass forms p = exp(z - lse) with lse rounded to float32: at |z| ~ 1e4 "
+    "lse's ulp (1e-3) is a 4e-4 relative error in p - y (jax.nn.softmax is exact there)",
+)
+
+EDGE = [
+    # (name, logits row, soft label row, integer label)
+    ("-inf logit, label 0 on it", [2.0, NEG, 0.0], [1.0, 0.0, 0.0], 0),
+    ("two -inf logits", [NEG, 1.0, NEG, -1.0], [0.0, 0.3, 0.0, 0.7], 3),
+    ("logits +-1e4", [1e4, -1e4, 0.0], [0.0, 0.0, 1.0], 2),
+    ("logits +-1e4 label on the max", [1e4, -1e4, 0.0], [1.0, 0.0, 0.0], 0),
+    pytest.param("logits 1e4 spread", [1e4, 1e4 - 1, 1e4 - 2], [0.0, 1.0, 0.0], 1, marks=LSE_ROUNDING),
+    ("logits +3e38", [3e38, 0.0, -3e38], [1.0, 0.0, 0.0], 0),
+    ("logits +3e38 wrong class", [3e38, 0.0, -3e38], [0.0, 1.0, 0.0], 1),
+    ("logits -3e38", [-3e38, -3e38, 0.0], [0.0, 0.0, 1.0], 2),
+]
+
+
+def edge_reference(z, y):
+    """float64 loss and gradient p * sum(y) - y, exact for the float32 inputs."""
+    z = f64(z)
+    y = f64(y)
+    lse = sp.logsumexp(z)
+    with np.errstate(invalid="ignore"):
+        loss = -np.sum(np.where(y > 0, y * (z - lse), 0.0))
+    return loss, sp.softmax(z) * y.sum() - y
+
+
+def as_float32(x):
+    """float64 values as float32 would hold them: beyond its range is +-inf."""
+    x = np.array(x, np.float64)
+    big = np.abs(x) > np.finfo(np.float32).max
+    x[big] = np.sign(x[big]) * np.inf
+    return x
+
+
+@pytest.mark.parametrize("name,z_row,y_row,label", EDGE)
+def test_edge_case_table(name, z_row, y_row, label):
+    z = jnp.array(z_row, jnp.float32)
+    y = jnp.array(y_row, jnp.float32)
+    onehot = np.eye(len(z_row))[label]
+    for f, lab, target in ((ce_soft, y, y), (ce_int, jnp.array(label), onehot)):
+        ref_loss, ref_grad = edge_reference(np.asarray(z), target)
+        v, g = jax.value_and_grad(f)(z, lab)
+        assert np.isfinite(float(v)) and np.isfinite(np.asarray(g)).all(), (f, v, g)
+        np.testing.assert_allclose(float(v), ref_loss, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(g, ref_grad, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(g)[~np.isfinite(f64(z))], 0.0)
+    # The soft-label gradient is -log p: +inf on a -inf class (more mass there costs
+    # without bound), finite elsewhere.
+    gy = np.asarray(jax.grad(ce_soft, 1)(z, y), np.float64)
+    with np.errstate(invalid="ignore"):
+        ref_gy = as_float32(-(f64(z) - sp.logsumexp(f64(z))))
+    finite = np.isfinite(f64(z))
+    np.testing.assert_array_equal(gy[~finite], np.inf)
+    np.testing.assert_allclose(gy[finite], ref_gy[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_neg_inf_logit_beats_optax_nan():
+    z = jnp.array([2.0, -jnp.inf, 0.0])
+    y = jnp.array([1.0, 0.0, 0.0])
+    assert np.isnan(float(optax.softmax_cross_entropy(z, y)))  # optax issue 896
+    np.testing.assert_allclose(ce_soft(z, y), sp.logsumexp([2.0, 0.0]) - 2.0, rtol=1e-6)
+
+
+def test_integer_label_on_neg_inf_or_masked_class_is_inf():
+    z = jnp.array([2.0, -jnp.inf, 0.0])
+    assert float(ce_int(z, jnp.array(1))) == np.inf
+    m = jnp.array([True, False, True])
+    assert float(ce_int(jnp.array([2.0, 1.0, 0.0]), jnp.array(1), where=m)) == np.inf
+
+
+POS_INF_LABEL_ELSEWHERE = pytest.mark.xfail(
+    strict=True,
+    reason="documented: a +inf logit gives NaN; with the label on a finite class the loss is "
+    "+inf instead (ce_soft([inf, 0, 1], [0, 1, 0]) = inf)",
+)
+
+
+@pytest.mark.parametrize(
+    "y,label",
+    [
+        ([1.0, 0.0, 0.0], 0),
+        ([0.5, 0.5, 0.0], None),
+        pytest.param([0.0, 1.0, 0.0], 1, marks=POS_INF_LABEL_ELSEWHERE),
+    ],
+)
+def test_pos_inf_logit_gives_nan(y, label):
+    z = jnp.array([jnp.inf, 0.0, 1.0])
+    assert np.isnan(float(ce_soft(z, jnp.array(y))))
+    if label is not None:
+        assert np.isnan(float(ce_int(z, jnp.array(label))))
+
+
+def test_masked_rows_loss_and_gradient_zero(rng):
+    z = rng.normal(size=(3, 4)).astype(np.float32)
+    y = dirichlet(rng, (3, 4))
+    labels = np.array([1, 2, 3])
+    rows = np.array([True, False, True])
+    for f, lab in ((ce_soft, y), (ce_int, labels)):
+        out = f(z, lab, where=rows)
+        assert float(out[1]) == 0.0
+        g = jax.grad(lambda z: f(z, lab, where=rows).sum())(z)
+        np.testing.assert_array_equal(np.asarray(g)[1], 0.0)
+        ref = np_ref(z, lab, integer=f is ce_int)
+        np.testing.assert_allclose(np.asarray(out)[rows], ref[rows], **F32)
+    # A class-shaped mask that masks everything in one row by broadcasting
+    full = np.ones((3, 4), bool)
+    full[2] = False
+    v, g = jax.value_and_grad(lambda z: ce_soft(z, y, where=full, z_loss=0.1).sum())(z)
+    assert np.isfinite(float(v))
+    np.testing.assert_array_equal(np.asarray(g)[2], 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_inputs(rng, dtype):
+    z = jnp.asarray(rng.normal(size=(3, 5)) * 3, dtype)
+    y = jnp.asarray(dirichlet(rng, (3, 5)), dtype)
+    labels = np.array([0, 4, 2])
+    z64, y64 = f64(z.astype(jnp.float32)), f64(y.astype(jnp.float32))
+    cases = [
+        (lambda z: ce_soft(z, y), np_ref(z64, y64, integer=False), sp.softmax(z64, -1) * y64.sum(-1, keepdims=True) - y64),
+        (lambda z: ce_int(z, labels), np_ref(z64, labels, integer=True), sp.softmax(z64, -1) - np.eye(5)[labels]),
+        (lambda z: bce(z, y), None, sp.expit(z64) - y64),
+    ]
+    for f, ref, ref_grad in cases:
+        out = f(z)
+        assert out.dtype == jnp.float32  # not a quantised bf16 loss (optax issue 1020)
+        if ref is not None:
+            np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+        g = jax.grad(lambda z: f(z).sum())(z)
+        assert g.dtype == dtype
+        assert np.isfinite(np.asarray(g.astype(jnp.float32))).all()
+        np.testing.assert_allclose(g.astype(jnp.float32), ref_grad, rtol=1e-2, atol=1e-2)
+    gy = jax.grad(lambda y: ce_soft(z, y).sum())(y)
+    assert gy.dtype == dtype
+
+
+def test_sigmoid_bce_at_infinite_logits():
+    z = jnp.array([jnp.inf, -jnp.inf, jnp.inf, -jnp.inf, 50.0, -50.0, 1e4, -1e4])
+    y = jnp.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+    v = np.asarray(bce(z, y))
+    g = np.asarray(jax.grad(lambda z: bce(z, y).sum())(z))
+    np.testing.assert_array_equal(v[:2], 0.0)  # the label allows it: loss 0 ...
+    np.testing.assert_array_equal(g[:2], 0.0)  # ... and gradient 0
+    assert v[2] == np.inf and v[3] == np.inf  # certain and wrong
+    np.testing.assert_array_equal(g[2:4], [1.0, -1.0])  # sigma(z) - y, finite
+    np.testing.assert_allclose(v[4:6], np.log1p(np.exp(-50.0)), rtol=1e-6)
+    np.testing.assert_allclose(v[6:], 1e4, rtol=1e-7)
+    np.testing.assert_allclose(g[6:], [1.0, -1.0])
+    assert np.isfinite(g).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: the error message names what was wrong
+
+Z = jnp.zeros((2, 3))
+Y = jnp.full((2, 3), 1 / 3)
+L = jnp.array([0, 1])
+
+BAD = [
+    (lambda: ce_soft(Z, jnp.ones((2, 4)) / 4), ValueError, r"labels shape \(2, 4\) does not match logits shape \(2, 3\)"),
+    (lambda: ce_soft(Z, jnp.ones(3) / 3), ValueError, r"labels shape \(3,\) does not match logits shape \(2, 3\)"),
+    (lambda: ce_int(Z, jnp.array([0, 1, 2])), ValueError, r"labels shape \(3,\) does not match logits shape without axis -1 \(2,\)"),
+    (lambda: ce_int(Z, jnp.array([[0, 1]])), ValueError, r"labels shape \(1, 2\)"),
+    (lambda: ce_soft(jnp.zeros((2, 3), int), Y), TypeError, r"logits must have a real floating dtype, got int32"),
+    (lambda: ce_int(jnp.zeros((2, 3), jnp.complex64), L), TypeError, r"logits must have a real floating dtype, got complex64"),
+    (lambda: bce(jnp.array([1, 2]), jnp.array([1.0, 0.0])), TypeError, r"logits must have a real floating dtype, got int32"),
+    (lambda: ce_int(Z, jnp.array([0.0, 1.0])), TypeError, r"labels must have an integer dtype, got float32"),
+    (lambda: ce_soft(Z, jnp.zeros((2, 3), int)), TypeError, r"labels must have a real floating dtype, got int32"),
+    (lambda: jaxce.nll_loss(Z, jnp.array([0.0, 1.0])), TypeError, r"labels must have an integer dtype"),
+    (lambda: jaxce.nll_loss(jnp.zeros((2, 3), int), L), TypeError, r"log_probs must have a real floating dtype"),
+    (lambda: ce_soft(Z, Y, axis=2), ValueError, r"axis 2 is out of range for an input of rank 2"),
+    (lambda: ce_int(Z, L, axis=-3), ValueError, r"axis -3 is out of range"),
+    (lambda: ce_int(jnp.zeros((2, 3, 4)), L, axis=(1, 5)), ValueError, r"axis 5 is out of range"),
+    (lambda: ce_soft(Z, Y, base=0), ValueError, r"base must be finite, > 0 and != 1, got 0"),
+    (lambda: ce_int(Z, L, base=-1.5), ValueError, r"got -1.5"),
+    (lambda: ce_int(Z, L, base=1), ValueError, r"!= 1, got 1"),
+    (lambda: bce(Z, Y, base=1.0), ValueError, r"!= 1, got 1.0"),
+    (lambda: jaxce.nll_loss(Z, L, base=0.0), ValueError, r"> 0 and != 1, got 0.0"),
+    (lambda: ce_soft(Z, Y, reduction="avg"), ValueError, r"reduction must be one of \('none', 'sum', 'mean'\), got 'avg'"),
+    (lambda: ce_int(Z, L, reduction="Mean"), ValueError, r"got 'Mean'"),
+    (lambda: bce(Z, Y, reduction=None), ValueError, r"reduction must be one of"),
+    (lambda: jaxce.nll_loss(Z, L, reduction="batchmean"), ValueError, r"got 'batchmean'"),
+    (lambda: ce_soft(Z, Y, label_smoothing=1.0), ValueError, r"label_smoothing must be in \[0, 1(\.0)?\), got 1.0"),
+    (lambda: ce_int(Z, L, label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1(\.0)?\), got -0.1"),
+    (lambda: bce(Z, Y, label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1(\.0)?\), got 1.5"),
+    (lambda: ce_int(Z, L, label_smoothing="0.1"), TypeError, r"label_smoothing must be a Python number"),
+    (lambda: ce_soft(Z, Y, z_loss=-1e-4), ValueError, r"z_loss must be in \[0, inf\), got -0.0001"),
+    (lambda: ce_int(Z, L, z_loss=float("nan")), ValueError, r"z_loss must be in \[0, inf\), got nan"),
+    (lambda: ce_soft(Z, Y, logit_softcap=0.0), ValueError, r"logit_softcap must be finite and > 0, got 0.0"),
+    (lambda: ce_int(Z, L, logit_softcap=-30), ValueError, r"logit_softcap must be finite and > 0, got -30"),
+    (lambda: ce_int(Z, L, logit_softcap=float("inf")), ValueError, r"logit_softcap must be finite"),
+    (lambda: ce_int(Z, L, logit_softcap="30"), TypeError, r"logit_softcap must be a Python number or None"),
+    (lambda: ce_int(Z, L, class_weights=jnp.ones(4)), ValueError, r"class_weights shape \(4,\) does not match the 3 classes"),
+    (lambda: ce_soft(Z, Y, class_weights=jnp.ones(2)), ValueError, r"class_weights shape \(2,\) does not match the 3 classes"),
+    (lambda: jaxce.nll_loss(Z, L, class_weights=jnp.ones((2, 3))), ValueError, r"class_weights shape \(2, 3\)"),
+    (lambda: ce_int(Z, L, class_weights=jnp.ones(3, int)), TypeError, r"class_weights must have a real floating dtype"),
+    (lambda: ce_int(Z, L, sample_weights=jnp.ones(3)), ValueError, r"sample_weights shape \(3,\) does not match the batch shape \(2,\)"),
+    (lambda: ce_soft(Z, Y, sample_weights=jnp.ones((2, 3))), ValueError, r"sample_weights shape \(2, 3\) does not match the batch shape \(2,\)"),
+    (lambda: jaxce.nll_loss(Z, L, sample_weights=jnp.ones(1)), ValueError, r"sample_weights shape \(1,\)"),
+    (lambda: bce(Z, Y, sample_weights=jnp.ones(4)), ValueError, r"sample_weights shape \(4,\) is not broadcastable to logits shape \(2, 3\)"),
+    (lambda: bce(Z, Y, pos_weight=jnp.ones(5)), ValueError, r"pos_weight shape \(5,\) is not broadcastable"),
+    (lambda: bce(Z, jnp.ones((2, 4))), ValueError, r"labels shape \(2, 4\) does not broadcast with logits shape \(2, 3\)"),
+    (lambda: ce_int(Z, L, ignore_index=1.0), TypeError, r"ignore_index must be a Python int or None, got 1.0"),
+    (lambda: ce_soft(Z, Y, where=jnp.ones((2, 3), int)), TypeError, r"where must be a boolean mask, got dtype int32"),
+    (lambda: ce_int(Z, L, where=jnp.ones(4, bool)), ValueError, r"where shape \(4,\) is not broadcastable to the input shape \(2, 3\)"),
+    (lambda: jaxce.softmax_cross_entropy_hvp(Z, jnp.ones(3)), ValueError, r"v shape \(3,\) does not match logits shape \(2, 3\)"),
+    (lambda: jaxce.softmax_cross_entropy_hvp(Z, jnp.ones((2, 3), int)), TypeError, r"v must have a real floating dtype"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD)
+def test_bad_input_raises(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_bad_input_raises_under_jit():
+    with pytest.raises(ValueError, match=r"labels shape \(3,\) does not match"):
+        jax.jit(ce_int)(Z, jnp.array([0, 1, 2]))
