@@ -745,3 +745,454 @@ def test_bad_input_raises(call, exc, match):
 def test_bad_input_raises_under_jit():
     with pytest.raises(ValueError, match=r"labels shape \(3,\) does not match"):
         jax.jit(ce_int)(Z, jnp.array([0, 1, 2]))
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 4: every option against the float64 reference of its documented formula
+
+N, K = 5, 4
+IGNORE = -100
+CLASS_MASK = np.array([True, True, False, True])
+W = np.array([0.5, 2.0, 1.0, 1.5], np.float32)
+SW = np.array([1.0, 0.5, 2.0, 0.0, 1.5], np.float32)
+
+OPTION_NAMES = {
+    "eps": "label_smoothing",
+    "cw": "class_weights",
+    "sw": "sample_weights",
+    "zl": "z_loss",
+    "cap": "logit_softcap",
+    "ignore": "ignore_index",
+    "mask": "where",
+    "reduction": "reduction",
+    "base": "base",
+}
+
+OPTIONS = {
+    "smoothing": dict(eps=0.1),
+    "smoothing mean": dict(eps=0.2, reduction="mean"),
+    "class weights": dict(cw=W),
+    "class weights mean": dict(cw=W, reduction="mean"),
+    "class weights sum": dict(cw=W, reduction="sum"),
+    "sample weights mean": dict(sw=SW, reduction="mean"),
+    "class and sample weights mean": dict(cw=W, sw=SW, reduction="mean"),
+    "z-loss": dict(zl=1e-2),
+    "z-loss big": dict(zl=0.5, reduction="mean"),
+    "softcap": dict(cap=2.0),
+    "z-loss + softcap": dict(zl=0.1, cap=1.5, reduction="sum"),
+    "ignore_index mean": dict(ignore=IGNORE, reduction="mean"),
+    "smoothing + ignore_index + class weights": dict(eps=0.1, ignore=IGNORE, cw=W, reduction="mean"),
+    "class mask + smoothing": dict(mask=CLASS_MASK, eps=0.15),
+    "everything, bits": dict(
+        eps=0.1, cw=W, sw=SW, zl=1e-2, cap=3.0, ignore=IGNORE, mask=CLASS_MASK,
+        reduction="mean", base=2,
+    ),
+}
+
+
+def option_data(kw, integer, seed=0):
+    rng = np.random.default_rng(seed)
+    z = (rng.normal(size=(N, K)) * 2).astype(np.float32)
+    if integer:
+        allowed = np.flatnonzero(CLASS_MASK) if "mask" in kw else np.arange(K)
+        labels = rng.choice(allowed, size=N)
+        if "ignore" in kw:
+            labels[[1, 3]] = IGNORE
+    else:
+        labels = dirichlet(rng, (N, K)) * np.float32(1.0)
+        labels[2] *= np.float32(0.6)  # a label that does not sum to 1
+    return z, labels
+
+
+def jaxce_options(kw, integer):
+    out = {}
+    for k, v in kw.items():
+        if k == "ignore" and not integer:
+            continue
+        out[OPTION_NAMES[k]] = jnp.asarray(v) if isinstance(v, np.ndarray) else v
+    return out
+
+
+def ref_kw(kw, integer):
+    return {k: v for k, v in kw.items() if integer or k != "ignore"}
+
+
+@pytest.mark.parametrize("integer", [True, False], ids=["integer", "soft"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_option_values(name, integer):
+    kw = OPTIONS[name]
+    z, labels = option_data(kw, integer)
+    f = ce_int if integer else ce_soft
+    out = jax.jit(lambda z, y: f(z, y, **jaxce_options(kw, integer)))(z, labels)
+    rkw = ref_kw(kw, integer)
+    ref = np_ref(z, labels, integer=integer, **{k: f64(v) if isinstance(v, np.ndarray) and k != "mask" else v for k, v in rkw.items()})
+    assert out.dtype == jnp.float32 and out.shape == np.shape(ref)
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
+
+
+def ref_grads(z, labels, integer, kw):
+    """Gradients of sum(reference) w.r.t. logits, soft labels and the weights, in float64."""
+    kw = dict(kw)
+    with jax.enable_x64(True):
+        params = {"z": jnp.asarray(z, jnp.float64)}
+        if not integer:
+            params["labels"] = jnp.asarray(labels, jnp.float64)
+        for name in ("cw", "sw"):
+            if name in kw:
+                params[name] = jnp.asarray(kw.pop(name), jnp.float64)
+        fixed_labels = jnp.asarray(labels)
+
+        def f(p):
+            lab = p.get("labels", fixed_labels)
+            extra = {n: p[n] for n in ("cw", "sw") if n in p}
+            out = ref_ce(jnp, p["z"], lab, integer=integer, sg=jax.lax.stop_gradient, **extra, **kw)
+            return jnp.sum(out)
+
+        grads = jax.grad(f)(params)
+        return {k: np.asarray(v, np.float64) for k, v in grads.items()}
+
+
+@pytest.mark.parametrize("integer", [True, False], ids=["integer", "soft"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_option_gradients_vs_plain_float64_composition(name, integer):
+    kw = OPTIONS[name]
+    z, labels = option_data(kw, integer, seed=1)
+    rkw = ref_kw(kw, integer)
+    expected = ref_grads(z, labels, integer, rkw)
+    opts = jaxce_options({k: v for k, v in kw.items() if k not in ("cw", "sw")}, integer)
+    params = {"z": jnp.asarray(z)}
+    if not integer:
+        params["labels"] = jnp.asarray(labels)
+    for k in ("cw", "sw"):
+        if k in kw:
+            params[k] = jnp.asarray(kw[k])
+    f = ce_int if integer else ce_soft
+
+    def loss(p):
+        out = f(
+            p["z"], p.get("labels", labels),
+            class_weights=p.get("cw"), sample_weights=p.get("sw"), **opts,
+        )
+        return jnp.sum(out)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    assert set(grads) == set(expected)
+    for k in expected:
+        assert grads[k].dtype == jnp.float32
+        np.testing.assert_allclose(grads[k], expected[k], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+def test_class_weights_mean_is_pytorch_weighted_mean(rng):
+    # PyTorch: sum_n w[y_n] * l_n / sum_n w[y_n] over the non-ignored n.
+    z = rng.normal(size=(4, 3)).astype(np.float32)
+    labels = np.array([0, 1, IGNORE, 1])
+    w = np.array([3.0, 1.0, 0.5], np.float32)
+    nll = sp.logsumexp(f64(z), -1) - f64(z)[np.arange(4), np.clip(labels, 0, 2)]
+    keep = labels != IGNORE
+    wy = f64(w)[np.clip(labels, 0, 2)]
+    expected = (wy * nll)[keep].sum() / wy[keep].sum()
+    out = ce_int(z, labels, class_weights=w, ignore_index=IGNORE, reduction="mean")
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        jaxce.nll_loss(jaxce.log_softmax(z), labels, class_weights=w, ignore_index=IGNORE, reduction="mean"),
+        expected,
+        rtol=1e-6,
+    )
+
+
+def test_smoothing_leaves_ignored_examples_ignored(rng):
+    # torch issue 73205: smoothing once gave ignored rows a loss.
+    z = rng.normal(size=(3, 4)).astype(np.float32)
+    labels = np.array([IGNORE, 2, IGNORE])
+    out = ce_int(z, labels, ignore_index=IGNORE, label_smoothing=0.3)
+    np.testing.assert_array_equal(np.asarray(out)[[0, 2]], 0.0)
+    g = jax.grad(lambda z: ce_int(z, labels, ignore_index=IGNORE, label_smoothing=0.3).sum())(z)
+    np.testing.assert_array_equal(np.asarray(g)[[0, 2]], 0.0)
+    # The counted row: (1 - eps) * nll + eps * mean over classes of -log p.
+    lp = sp.log_softmax(f64(z[1]))
+    np.testing.assert_allclose(out[1], -(0.7 * lp[2] + 0.3 * lp.mean()), rtol=1e-6)
+
+
+def test_smoothing_skips_neg_inf_classes():
+    # A -inf logit is an impossible class: no smoothing mass goes there, the loss is finite.
+    z = jnp.array([2.0, -jnp.inf, 0.0, 1.0])
+    lp = sp.log_softmax([2.0, 0.0, 1.0])
+    expected = -(0.8 * lp[0] + 0.2 * lp.mean())
+    v, g = jax.value_and_grad(ce_int)(z, jnp.array(0), label_smoothing=0.2)
+    np.testing.assert_allclose(v, expected, rtol=1e-6)
+    assert float(g[1]) == 0.0 and np.isfinite(np.asarray(g)).all()
+    p = sp.softmax([2.0, 0.0, 1.0])
+    t = np.array([0.8, 0.0, 0.0]) + 0.2 / 3
+    np.testing.assert_allclose(np.asarray(g)[[0, 2, 3]], p - t, rtol=1e-5, atol=1e-7)
+
+
+def test_z_loss_and_softcap_closed_forms():
+    x = jnp.array([2.0, 1.0, 0.0])
+    lse = sp.logsumexp([2.0, 1.0, 0.0])
+    p = sp.softmax([2.0, 1.0, 0.0])
+    y = np.eye(3)[0]
+    v, g = jax.value_and_grad(ce_int)(x, jnp.array(0), z_loss=0.3)
+    np.testing.assert_allclose(v, 0.40760596 + 0.3 * lse**2, rtol=1e-6)
+    np.testing.assert_allclose(g, p * (1 + 2 * 0.3 * lse) - y, rtol=1e-5)
+    c = 1.5
+    zc = c * np.tanh(np.array([2.0, 1.0, 0.0]) / c)
+    pc = sp.softmax(zc)
+    v, g = jax.value_and_grad(ce_int)(x, jnp.array(0), logit_softcap=c)
+    np.testing.assert_allclose(v, sp.logsumexp(zc) - zc[0], rtol=1e-6)
+    np.testing.assert_allclose(g, (pc - y) * (1 - (zc / c) ** 2), rtol=1e-5, atol=1e-7)
+
+
+def test_options_keep_edge_case_guarantees(rng):
+    z = rng.normal(size=(3, 4)).astype(np.float32)
+    z[0, 1] = -np.inf
+    z[2, 2] = 1e4
+    labels = np.array([0, IGNORE, 2])
+    opts = dict(
+        label_smoothing=0.1, class_weights=W, z_loss=1e-4, logit_softcap=5.0,
+        ignore_index=IGNORE, reduction="mean",
+    )
+    v, g = jax.value_and_grad(lambda z: ce_int(z, labels, **opts))(z)
+    assert np.isfinite(float(v)) and np.isfinite(np.asarray(g)).all()
+    assert float(g[0, 1]) == 0.0
+    np.testing.assert_array_equal(np.asarray(g)[1], 0.0)
+    # All ignored: 0 with zero gradient, every option on.
+    v, g = jax.value_and_grad(lambda z: ce_int(z, np.full(3, IGNORE), **opts))(z)
+    assert float(v) == 0.0
+    np.testing.assert_array_equal(g, 0.0)
+    # Soft labels with a fully masked row and every option.
+    y = dirichlet(rng, (3, 4))
+    y[0, 1] = 0.0  # no label mass on the -inf class (that would be +inf, correctly)
+    rows = np.array([True, False, True])
+    soft_opts = {k: v for k, v in opts.items() if k != "ignore_index"}
+    v, g = jax.value_and_grad(lambda z: ce_soft(z, y, where=rows, **soft_opts))(z)
+    assert np.isfinite(float(v)) and np.isfinite(np.asarray(g)).all()
+    np.testing.assert_array_equal(np.asarray(g)[1], 0.0)
+    # Under vmap.
+    per = jax.vmap(lambda r, l: ce_int(r, l, **{**opts, "reduction": "none"}))(z, labels)
+    np.testing.assert_allclose(per, ce_int(z, labels, **{**opts, "reduction": "none"}), rtol=1e-6)
+
+
+def test_options_hessian_still_works(rng):
+    z = rng.normal(size=(4,)).astype(np.float32)
+    opts = dict(label_smoothing=0.1, z_loss=0.05)
+    h = jax.jit(jax.hessian(lambda z: ce_int(z, jnp.array(1), **opts)))(z)
+    with jax.enable_x64(True):
+        ref = jax.hessian(
+            lambda z: ref_ce(jnp, z[None], jnp.array([1]), integer=True, eps=0.1, zl=0.05).sum()
+        )(jnp.asarray(z, jnp.float64))
+    np.testing.assert_allclose(h, np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# nll_loss
+
+
+NLL_SHARED = {
+    "plain": dict(),
+    "where rows": dict(where=np.array([True, False, True, True, True])),
+    "ignore mean": dict(ignore_index=IGNORE, reduction="mean"),
+    "class weights mean": dict(class_weights=W, reduction="mean"),
+    "sample weights sum": dict(sample_weights=SW, reduction="sum"),
+    "all, hartleys": dict(
+        ignore_index=IGNORE, class_weights=W, sample_weights=SW, reduction="mean", base=10
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NLL_SHARED))
+def test_nll_of_log_softmax_equals_integer_cross_entropy(name):
+    kw = NLL_SHARED[name]
+    z, labels = option_data({"ignore": IGNORE}, integer=True, seed=3)
+    kw = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    where = kw.get("where")
+    nll = lambda z: jaxce.nll_loss(jaxce.log_softmax(z, where=where), labels, **kw)
+    ce = lambda z: ce_int(z, labels, **kw)
+    np.testing.assert_allclose(nll(z), ce(z), rtol=1e-6, atol=1e-7)
+    g_nll = jax.grad(lambda z: jnp.sum(nll(z)))(z)
+    g_ce = jax.grad(lambda z: jnp.sum(ce(z)))(z)
+    np.testing.assert_allclose(g_nll, g_ce, rtol=1e-5, atol=1e-6)
+
+
+def test_nll_on_arbitrary_log_probs(rng):
+    lp = rng.normal(size=(4, 3)).astype(np.float32)  # need not be normalised
+    labels = np.array([2, 0, IGNORE, 1])
+    w = np.array([1.0, 2.0, 3.0], np.float32)
+    out = jaxce.nll_loss(lp, labels, class_weights=w, ignore_index=IGNORE)
+    idx = np.clip(labels, 0, 2)
+    expected = np.where(labels != IGNORE, -f64(w)[idx] * f64(lp)[np.arange(4), idx], 0.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    g = jax.grad(lambda lp: jaxce.nll_loss(lp, labels, class_weights=w, ignore_index=IGNORE).sum())(lp)
+    onehot = np.eye(3)[idx] * (labels != IGNORE)[:, None]
+    np.testing.assert_allclose(g, -onehot * f64(w)[idx][:, None], rtol=1e-6)
+    # Tuple axis: the flat C-order label.
+    lp3 = rng.normal(size=(2, 2, 3)).astype(np.float32)
+    out = jaxce.nll_loss(lp3, np.array([5, 1]), axis=(1, 2))
+    np.testing.assert_allclose(out, [-lp3[0, 1, 2], -lp3[1, 0, 1]], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# return_aux
+
+
+@pytest.mark.parametrize("base", [None, 2])
+def test_return_aux_integer(rng, base):
+    z = rng.normal(size=(4, 3)).astype(np.float32)
+    z[2] = [0.0, 5.0, 1.0]  # argmax 1
+    labels = np.array([int(np.argmax(z[0])), (int(np.argmax(z[1])) + 1) % 3, 1, IGNORE])
+    cap, zl = 2.0, 0.1
+    out, aux = ce_int(
+        z, labels, ignore_index=IGNORE, z_loss=zl, logit_softcap=cap, base=base, return_aux=True
+    )
+    zc = cap * np.tanh(f64(z) / cap)
+    lse = sp.logsumexp(zc, -1)
+    assert set(aux) == {"logsumexp", "z_loss", "correct"}
+    np.testing.assert_allclose(aux["logsumexp"], lse, rtol=1e-6)
+    np.testing.assert_allclose(aux["z_loss"], zl * lse**2 / ln(base), rtol=1e-6)
+    np.testing.assert_array_equal(aux["correct"], [True, False, True, False])
+    assert aux["correct"].dtype == jnp.bool_
+    ref = np_ref(z, labels, integer=True, ignore=IGNORE, zl=zl, cap=cap, base=base)
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    # The loss without aux is the same.
+    np.testing.assert_allclose(
+        ce_int(z, labels, ignore_index=IGNORE, z_loss=zl, logit_softcap=cap, base=base), out
+    )
+
+
+def test_return_aux_soft_and_mean(rng):
+    z = rng.normal(size=(3, 4)).astype(np.float32)
+    y = dirichlet(rng, (3, 4))
+    m = np.array([True, False, True, True])
+    out, aux = ce_soft(z, y, where=m, z_loss=0.2, reduction="mean", return_aux=True)
+    assert set(aux) == {"logsumexp", "z_loss"}
+    lse = sp.logsumexp(np.where(m, f64(z), -np.inf), -1)
+    np.testing.assert_allclose(aux["logsumexp"], lse, rtol=1e-6)
+    np.testing.assert_allclose(aux["z_loss"], 0.2 * lse**2, rtol=1e-6)
+    assert out.shape == ()
+    np.testing.assert_allclose(out, np_ref(z, y, integer=False, mask=m, zl=0.2, reduction="mean"), rtol=1e-6)
+    # Differentiating through the aux logsumexp: its gradient is softmax.
+    g = jax.grad(lambda z: ce_soft(z, y, where=m, return_aux=True)[1]["logsumexp"].sum())(z)
+    np.testing.assert_allclose(g, sp.softmax(np.where(m, f64(z), -np.inf), -1), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# softmax_cross_entropy_hvp
+
+
+def test_hvp_vs_hessian_and_jvp_of_grad(rng):
+    z = rng.normal(size=(5,)).astype(np.float32)
+    v = rng.normal(size=(5,)).astype(np.float32)
+    y = dirichlet(rng, (5,))
+    hvp = jaxce.softmax_cross_entropy_hvp(z, v)
+    p = sp.softmax(f64(z))
+    np.testing.assert_allclose(hvp, (np.diag(p) - np.outer(p, p)) @ f64(v), rtol=1e-5, atol=1e-7)
+    h = jax.hessian(ce_soft)(z, y)
+    np.testing.assert_allclose(hvp, h @ v, rtol=1e-5, atol=1e-6)
+    _, jvp = jax.jvp(jax.grad(lambda z: ce_soft(z, y)), (z,), (v,))
+    np.testing.assert_allclose(hvp, jvp, rtol=1e-5, atol=1e-6)
+    _, jvp = jax.jvp(jax.grad(lambda z: ce_int(z, jnp.array(3))), (z,), (v,))
+    np.testing.assert_allclose(hvp, jvp, rtol=1e-5, atol=1e-6)
+    assert hvp.dtype == jnp.float32
+
+
+def test_hvp_batch_where_and_tuple_axis(rng):
+    z = rng.normal(size=(3, 2, 4)).astype(np.float32)
+    v = rng.normal(size=(3, 2, 4)).astype(np.float32)
+    labels = rng.integers(0, 8, size=3)
+    out = jaxce.softmax_cross_entropy_hvp(z, v, axis=(1, 2))
+    _, ref = jax.jvp(jax.grad(lambda z: ce_int(z, labels, (1, 2)).sum()), (z,), (v,))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    p = sp.softmax(f64(z).reshape(3, 8), -1)
+    vv = f64(v).reshape(3, 8)
+    closed = p * vv - p * (p * vv).sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, closed.reshape(3, 2, 4), rtol=1e-5, atol=1e-7)
+    # A class mask: masked classes give 0.
+    zz = z.reshape(3, 8)
+    m = np.array([True, True, False, True, True, False, True, True])
+    out = jaxce.softmax_cross_entropy_hvp(zz, vv.astype(np.float32), where=m)
+    pm = sp.softmax(np.where(m, f64(zz), -np.inf), -1)
+    closed = pm * vv - pm * (pm * vv).sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, closed, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(out)[:, ~m], 0.0)
+    y = np.where(m, dirichlet(rng, (3, 8)), 0.0).astype(np.float32)
+    y /= y.sum(-1, keepdims=True)
+    _, ref = jax.jvp(jax.grad(lambda z: ce_soft(z, y, where=m).sum()), (zz,), (vv.astype(np.float32),))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# sigmoid_binary_cross_entropy options
+
+
+def ref_bce(xp, z, y, *, beta=None, sw=None, eps=0.0, mask=None, reduction="none", base=None):
+    y = (1 - eps) * y + eps / 2
+    beta = 1.0 if beta is None else beta
+    log_s = -xp.logaddexp(0.0, -z)  # log sigmoid
+    log_1ms = -xp.logaddexp(0.0, z)  # log(1 - sigmoid)
+    loss = -(beta * y * log_s + (1 - y) * log_1ms)
+    shape = loss.shape
+    m = xp.ones(shape, bool) if mask is None else xp.broadcast_to(mask, shape)
+    loss = xp.where(m, loss, 0.0)
+    norm = xp.ones(shape)
+    if sw is not None:
+        loss, norm = loss * sw, norm * sw
+    if reduction == "sum":
+        loss = xp.sum(loss)
+    elif reduction == "mean":
+        loss = xp.sum(loss) / xp.sum(xp.where(m, norm, 0.0))
+    return loss / ln(base)
+
+
+BCE_OPTIONS = {
+    "pos_weight": dict(beta=np.array([1.0, 3.0, 0.5], np.float32)),
+    "sample weights mean": dict(sw=np.array([[1.0, 2.0, 0.0]], np.float32), reduction="mean"),
+    "smoothing": dict(eps=0.2),
+    "where mean": dict(mask=np.array([[True, False, True], [True, True, False]]), reduction="mean"),
+    "all, bits": dict(
+        beta=np.array([2.0, 1.0, 0.5], np.float32),
+        sw=np.array([[0.5], [2.0]], np.float32),
+        eps=0.1,
+        mask=np.array([True, True, False]),
+        reduction="sum",
+        base=2,
+    ),
+}
+BCE_NAMES = {"beta": "pos_weight", "sw": "sample_weights", "eps": "label_smoothing", "mask": "where", "reduction": "reduction", "base": "base"}
+
+
+@pytest.mark.parametrize("name", list(BCE_OPTIONS))
+def test_bce_options_values_and_gradients(rng, name):
+    kw = BCE_OPTIONS[name]
+    z = (rng.normal(size=(2, 3)) * 2).astype(np.float32)
+    y = rng.random((2, 3)).astype(np.float32)
+    opts = {BCE_NAMES[k]: v for k, v in kw.items()}
+    out = bce(z, y, **opts)
+    ref = ref_bce(np, f64(z), f64(y), **{k: f64(v) if isinstance(v, np.ndarray) and k != "mask" else v for k, v in kw.items()})
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+    # Gradients w.r.t. logits, labels, pos_weight and sample weights vs the float64 composition.
+    params = {"z": z, "y": y}
+    for k in ("beta", "sw"):
+        if k in kw:
+            params[k] = kw[k]
+    fixed = {k: v for k, v in kw.items() if k not in ("beta", "sw")}
+    grads = jax.grad(
+        lambda p: jnp.sum(
+            bce(p["z"], p["y"], pos_weight=p.get("beta"), sample_weights=p.get("sw"),
+                **{BCE_NAMES[k]: v for k, v in fixed.items()})
+        )
+    )({k: jnp.asarray(v) for k, v in params.items()})
+    with jax.enable_x64(True):
+        expected = jax.grad(
+            lambda p: jnp.sum(ref_bce(jnp, p["z"], p["y"], beta=p.get("beta"), sw=p.get("sw"), **fixed))
+        )({k: jnp.asarray(v, jnp.float64) for k, v in params.items()})
+    for k in params:
+        np.testing.assert_allclose(grads[k], np.asarray(expected[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_bce_pos_weight_closed_form_gradient():
+    z = jnp.array([0.3, -1.0])
+    y = jnp.array([1.0, 0.25])
+    beta = 3.0
+    g = jax.grad(lambda z: bce(z, y, pos_weight=jnp.array(beta)).sum())(z)
+    s = sp.expit(np.array([0.3, -1.0]))
+    yy = np.array([1.0, 0.25])
+    np.testing.assert_allclose(g, s * (beta * yy + 1 - yy) - beta * yy, rtol=1e-6)
