@@ -32,8 +32,9 @@ def xdiff(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(nonzero, x * (jnp.where(nonzero, a, 0.0) - jnp.where(nonzero, b, 0.0)), 0.0)
 
 
-def _distributions(axis, where, **arrays):
-    # Check and upcast probability arrays of one (broadcast) shape; return them with the mask.
+def _distributions(axis, where, probabilities=True, **arrays):
+    # Check and upcast arrays of one (broadcast) shape; return them with the mask. In checked
+    # mode, probability arrays are checked to be distributions (at their own dtype's tolerance).
     arrays = {name: jnp.asarray(a) for name, a in arrays.items()}
     for name, a in arrays.items():
         check_floating(name, a)
@@ -44,7 +45,13 @@ def _distributions(axis, where, **arrays):
         raise ValueError(f"shapes do not broadcast: {shapes}") from None
     dtype = compute_dtype(jnp.result_type(*arrays.values()))
     _, _, mask, axes = prepare(jnp.zeros(shape, dtype), axis, where)
-    return [jnp.broadcast_to(a.astype(dtype), shape) for a in arrays.values()], mask, axes
+    out = [jnp.broadcast_to(a.astype(dtype), shape) for a in arrays.values()]
+    for name, a, given in zip(arrays, out, arrays.values()):
+        if probabilities:
+            check_distribution(name, a, axes, where=mask, dtype=given.dtype)
+        else:
+            check_finite(name, a, axes, where=mask)
+    return out, mask, axes
 
 
 def information(p: ArrayLike, *, base: float | None = None) -> jax.Array:
@@ -87,7 +94,6 @@ def entropy(
     """
     scale = log_base(base)
     (p,), mask, axes = _distributions(axis, where, p=p)
-    check_distribution("p", p, axes, where=mask)
     return -jnp.sum(masked_fill(xlogy(p, p), mask, 0.0), axis=axes) / scale
 
 
@@ -109,8 +115,6 @@ def cross_entropy(
     """
     scale = log_base(base)
     (p, q), mask, axes = _distributions(axis, where, p=p, q=q)
-    check_distribution("p", p, axes, where=mask)
-    check_distribution("q", q, axes, where=mask)
     return -jnp.sum(masked_fill(xlogy(p, q), mask, 0.0), axis=axes) / scale
 
 
@@ -135,8 +139,6 @@ def kl_divergence(
     """
     scale = log_base(base)
     (p, q), mask, axes = _distributions(axis, where, p=p, q=q)
-    check_distribution("p", p, axes, where=mask)
-    check_distribution("q", q, axes, where=mask)
     return jnp.sum(masked_fill(xlogy(p, p) - xlogy(p, q), mask, 0.0), axis=axes) / scale
 
 
@@ -182,9 +184,9 @@ def softmax_kl_divergence(
       0.0
     """
     scale = log_base(base)
-    (zp, zq), mask, axes = _distributions(axis, where, p_logits=p_logits, q_logits=q_logits)
-    check_finite("p_logits", zp, axes, where=mask)
-    check_finite("q_logits", zq, axes, where=mask)
+    (zp, zq), mask, axes = _distributions(
+        axis, where, probabilities=False, p_logits=p_logits, q_logits=q_logits
+    )
     log_p = log_probabilities(zp, mask, axes)
     log_q = log_probabilities(zq, mask, axes)
     return jnp.sum(xdiff(probabilities(zp, mask, axes), log_p, log_q), axis=axes) / scale

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from ._validation import broadcast_mask, canonical_axes, check_floating, compute_dtype
@@ -46,13 +47,25 @@ def _logsumexp_jvp(axes, primals, tangents):
     # all -inf slice is 0, not the 0 * inf = NaN that autodiff of log(sum(exp)) produces.
     x, mask = primals
     dx, _ = tangents
-    lse = _logsumexp(x, mask, axes)
-    return lse, jnp.sum(_shifted_exp(x, mask, lse) * dx, axis=axes, keepdims=True)
+    return _logsumexp(x, mask, axes), jnp.sum(_softmax(x, mask, axes) * dx, axis=axes, keepdims=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _softmax(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
+    x = shift_by_peak(x, mask, axes)
     return _shifted_exp(x, mask, _logsumexp(x, mask, axes))
+
+
+def shift_by_peak(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
+    r"""``x - max(x)`` (a constant shift: softmax and log-softmax do not change).
+
+    Working relative to the peak keeps precision: for logits near 1e4, ``x - lse`` would
+    carry lse's float32 rounding (ulp 1e-3) into every probability, while ``x - max`` is exact
+    near the peak and ``lse(x - max)`` is small. ``stop_gradient``: the shift is a constant.
+    """
+    peak = jnp.max(masked_fill(x, mask), axis=axes, keepdims=True)
+    # An empty slice (peak -inf) is not shifted; a +inf peak makes the slice NaN, as it should.
+    return x - lax.stop_gradient(jnp.where(peak == -jnp.inf, 0.0, peak))
 
 
 @_softmax.defjvp
@@ -160,6 +173,7 @@ def log_softmax(
 
 def log_probabilities(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
     """Log-softmax in ``x``'s dtype; -inf on masked entries and on empty slices."""
+    x = shift_by_peak(x, mask, axes)
     return masked_fill(x - finite_or_zero(_logsumexp(x, mask, axes)), mask)
 
 

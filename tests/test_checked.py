@@ -455,10 +455,5 @@ def test_information_measures():
         checked(jaxce.softmax_entropy)(np.array([[0.0, np.nan]]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_information upcasts bf16 before check_distribution, so the float32 tolerance applies "
-    "(requests/checked.md: pass dtype=)",
-)
 def test_entropy_of_bfloat16_thirds_passes():
     checked(jaxce.entropy)(jnp.full((3,), 1 / 3, jnp.bfloat16))
