@@ -47,11 +47,16 @@ from ._losses import (
 )
 from ._validation import check_floating, check_integer, check_shape, compute_dtype
 
-BLOCK_BYTES = 16 * 2**20
+BLOCK_BYTES = 32 * 2**20
 """The default ``block_size`` aims at about this many bytes of float32 ``block_size x V``
-temporaries (the logits of a block, their cotangent and one fused intermediate)."""
+temporaries (the logits of a block, their cotangent and the intermediates of the reductions
+that XLA materialises: about five such arrays on CPU)."""
 
-_TEMPS_PER_ROW = 3  # float32 arrays of one block row (V entries) alive at once
+SLAB_BYTES = 4 * 2**20
+"""``dw`` is accumulated a slab of columns at a time, the product ``x_b^T dz`` of one slab
+holding about this many bytes."""
+
+_TEMPS_PER_ROW = 5  # float32 arrays of one block row (V entries) alive at once (measured)
 
 
 def default_block_size(num_rows: int, num_classes: int) -> int:
@@ -78,7 +83,7 @@ def _add_outer(dw, xb, dz, dtype):
     hold a second ``[D, V]`` array.)
     """
     num_classes = dz.shape[1]
-    cols = max(128, BLOCK_BYTES // (4 * dw.shape[0]) // 128 * 128)
+    cols = max(128, SLAB_BYTES // (4 * dw.shape[0]) // 128 * 128)
 
     def add(start, size, dw):
         dzc = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
@@ -90,12 +95,16 @@ def _add_outer(dw, xb, dz, dtype):
 
 
 def _blocks(total, size, fn, carry):
-    """``fn(start, size, carry)`` over ``[0, total)`` in blocks, the last one ragged (static)."""
+    """``fn(start, size, carry)`` over ``[0, total)`` in blocks, the last one ragged (static).
+
+    The first block runs before the loop: inside ``shard_map`` its results give the carry the
+    right varying axes (zeros do not vary over the batch axis, a block's sums do).
+    """
     full, rest = divmod(total, size) if total else (0, 0)
-    if full == 1:
+    if full >= 1:
         carry = fn(0, size, carry)
-    elif full > 1:
-        carry = lax.fori_loop(0, full, lambda i, c: fn(i * size, size, c), carry)
+    if full > 1:
+        carry = lax.fori_loop(1, full, lambda i, c: fn(i * size, size, c), carry)
     if rest:
         carry = fn(full * size, rest, carry)
     return carry
@@ -170,6 +179,10 @@ def _sweep(
         dx, dw, db, dcw = acc
         if dx is not None and spec.class_axis_name is not None:
             dx = lax.psum(dx, spec.class_axis_name)  # each shard held a slice of the classes
+        if opts.batch_axis_name is not None:  # each shard held a slice of the examples
+            dw, db, dcw = (
+                None if g is None else lax.psum(g, opts.batch_axis_name) for g in (dw, db, dcw)
+            )
         acc = (dx, dw, db, dcw)
     else:
         acc = (None, None, None, None)
@@ -230,7 +243,9 @@ def _finish_fn(labels, counted, correct, opts):
 
 def _example_cotangents(labels, counted, class_weights, sample_weights, opts, dtype):
     """d(reduced loss)/d(per-example loss): the reduction is linear in the losses."""
-    zeros = jnp.zeros(labels.shape, dtype)
+    # Zeros that vary like the labels do (inside shard_map, over the batch axis): the vjp then
+    # gives each example its own cotangent instead of summing them over the batch shards.
+    zeros = labels.astype(dtype) * 0
     fn = _finish_fn(labels, counted, zeros, opts._replace(return_aux=False))
     out, pull = jax.vjp(lambda loss: fn(loss, zeros, class_weights, sample_weights)[0], zeros)
     (g,) = pull(jnp.ones_like(out))

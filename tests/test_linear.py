@@ -130,12 +130,14 @@ def test_float32_matches_numpy(rng, n, v, block_size):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("v", [1, 3, 37, 300])
-@pytest.mark.parametrize("n, block_size", [(1, 1), (10, 3), (10, 10), (10, 64), (23, 8)])
+@pytest.mark.parametrize(
+    "n, v, block_size",
+    [(1, 1, 1), (10, 3, 3), (10, 37, 10), (10, 300, 64), (23, 300, 8), (23, 1, 8), (7, 130, 2)],
+)
 def test_ragged_blocks(rng, monkeypatch, n, v, block_size):
     # A tiny byte budget makes the dw accumulation go column slab by column slab (128 wide),
     # so V=300 also has a ragged last slab.
-    monkeypatch.setattr(_linear, "BLOCK_BYTES", 1024)
+    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)
     with jax.enable_x64(True):
         x, w, b, y = make_problem(rng, n=n, v=v)
         blockwise, plain = both(dict(label_smoothing=0.1), x, w, b, y, block_size)
@@ -149,7 +151,7 @@ def test_default_block_size_is_flat_in_v():
     for v in (32768, 65536, 262144):
         rows = _linear.default_block_size(4096, v)
         assert rows % 8 == 0 and rows >= 8
-        assert rows * v * 4 * 3 <= max(_linear.BLOCK_BYTES, 8 * v * 4 * 3)
+        assert rows * v * 4 * 5 <= max(_linear.BLOCK_BYTES, 8 * v * 4 * 5)
     assert _linear.default_block_size(5, 10) == 5
 
 
@@ -287,3 +289,44 @@ def test_temp_memory_50x_below_naive():
     ours = temp_bytes(lambda x, w, y: jaxce.linear_softmax_cross_entropy(x, w, y), *shapes)
     assert naive >= 2 * n * v * 4  # the logits and their gradient
     assert ours * 50 <= naive, (ours, naive)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_shard_map_class_and_batch_axes(rng, reduction):
+    """On a 2 x 4 (data x model) mesh: w's V axis split over "model", the rows over "data"."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    x, w, b, y = make_problem(rng, n=16, d=5, v=24, ignored=(0, 9), dtype=np.float32)
+    cw = rng.uniform(0.5, 2.0, size=24).astype(np.float32)
+    sw = rng.uniform(0.5, 2.0, size=16).astype(np.float32)
+    cotangent = rng.normal(size=16).astype(np.float32) if reduction == "none" else 1.0
+    options = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=0.01, logit_softcap=4.0,
+                   reduction=reduction, block_size=3)
+
+    def single(x, w, b, cw, sw):
+        out = jaxce.linear_softmax_cross_entropy(
+            x, w, y, bias=b, class_weights=cw, sample_weights=sw, **options
+        )
+        return jnp.sum(cotangent * out)
+
+    def sharded(x, w, b, cw, sw):
+        def local(x, w, b, cw, sw, y):
+            return jaxce.linear_softmax_cross_entropy(
+                x, w, y, bias=b, class_weights=cw, sample_weights=sw, class_axis_name="model",
+                batch_axis_name="data", **options,
+            )
+
+        specs = (P("data"), P(None, "model"), P("model"), P("model"), P("data"), P("data"))
+        out_spec = P("data") if reduction == "none" else P()
+        out = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_spec)(
+            x, w, b, cw, sw, y
+        )
+        return jnp.sum(cotangent * out)
+
+    args = (x, w, b, cw, sw)
+    want = jax.value_and_grad(single, argnums=(0, 1, 2, 3, 4))(*args)
+    got = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3, 4)))(*args)
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, h, rtol=2e-5, atol=1e-6)

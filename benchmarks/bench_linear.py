@@ -1,0 +1,177 @@
+"""Benchmark jaxce.linear_softmax_cross_entropy against the naive ``x @ w`` + optax, in one run.
+
+Naive: ``optax.softmax_cross_entropy_with_integer_labels(x @ w, labels).mean()``, which holds the
+N x V logits and their gradient. Both are compiled as ``jax.jit(jax.value_and_grad(f,
+argnums=(0, 1)))`` (gradients with respect to x and w) and compared on
+
+- memory: ``temp_size_in_bytes`` of the compiled step (compile only, deterministic) at N=4096,
+  D=512, V in {32768, 65536, 131072, 262144}; targets: flat in V, >= 50x below naive at
+  V=65536 and >= 200x at V=262144;
+- time: the median of per-pair ratios of wall times, the two steps run alternately (order
+  flipped every pair) so that load drift on a shared machine hits both alike, at N=2048,
+  D=256, V=32768: float32 (target <= 1.0x), bfloat16 (both sides bf16), ``reduction="none"``
+  (differentiating ``sum(loss)``), and an options row (``label_smoothing=0.1, z_loss=1e-4,
+  logit_softcap=30, ignore_index=-100`` on 1/8 of the labels).
+
+Usage::
+
+    python benchmarks/bench_linear.py              # the full table (a few minutes on 2 cores)
+    python benchmarks/bench_linear.py --quick      # smaller time shapes, fewer repeats
+    python benchmarks/bench_linear.py --block-size 64 --only time
+"""
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib.version
+import numpy as np
+import optax
+
+import jaxce
+from jaxce import _linear
+
+IGNORE = -100
+MIB = 2**20
+OPTIONS = dict(label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0, ignore_index=IGNORE)
+
+
+def naive(x, w, y):
+    return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+
+
+def blockwise(block_size, reduction="mean", **options):
+    def f(x, w, y):
+        out = jaxce.linear_softmax_cross_entropy(
+            x, w, y, reduction=reduction, block_size=block_size, **options
+        )
+        return jnp.sum(out)
+
+    return f
+
+
+def step(f):
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+
+def temp_bytes(f, n, d, v, dtype=jnp.float32):
+    shapes = (
+        jax.ShapeDtypeStruct((n, d), dtype),
+        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    return step(f).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+
+def make_inputs(n, d, v, dtype, seed=0):
+    kx, kw, ky = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (n, d), jnp.float32).astype(dtype)
+    w = (jax.random.normal(kw, (d, v), jnp.float32) / np.sqrt(d)).astype(dtype)
+    y = jax.random.randint(ky, (n,), 0, v, jnp.int32)
+    return x, w, y
+
+
+def paired_times(fa, fb, repeats, warmup):
+    """Alternate the calls ``fa()`` and ``fb()`` (order flipped every pair); times in seconds."""
+    for _ in range(warmup):
+        jax.block_until_ready(fa())
+        jax.block_until_ready(fb())
+    ta, tb = [], []
+    for i in range(repeats):
+        order = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
+        for f, out in order:
+            start = time.perf_counter()
+            jax.block_until_ready(f())
+            out.append(time.perf_counter() - start)
+    return np.array(ta), np.array(tb)
+
+
+def memory_table(args):
+    n, d = 4096, 512
+    header = f"{'V':>8}{'block':>7}{'jaxce MiB':>11}{'naive MiB':>11}{'naive/jaxce':>13}  target"
+    lines = [f"memory: temp_size_in_bytes of jit(value_and_grad), N={n} D={d} float32", header]
+    lines.append("-" * len(header))
+    print(*lines, sep="\n", flush=True)
+    for v in (32768, 65536, 131072, 262144):
+        ours = temp_bytes(blockwise(args.block_size), n, d, v)
+        theirs = temp_bytes(naive, n, d, v)
+        block = args.block_size or _linear.default_block_size(n, v)
+        target = {65536: ">=50x", 262144: ">=200x"}.get(v, "")
+        if target:
+            target += "  " + ("yes" if theirs >= float(target[2:-1]) * ours else "NO")
+        line = f"{v:>8}{block:>7}{ours / MIB:>11.1f}{theirs / MIB:>11.1f}{theirs / ours:>13.1f}  {target}"
+        lines.append(line)
+        print(line, flush=True)
+    return lines
+
+
+def time_table(args):
+    n, d, v = (512, 128, 8192) if args.quick else (2048, 256, 32768)
+    block = args.block_size or _linear.default_block_size(n, v)
+    rows = [
+        ("float32 mean", jnp.float32, blockwise(args.block_size), False, "<=1.0x"),
+        ("bfloat16 mean", jnp.bfloat16, blockwise(args.block_size), False, ""),
+        ("float32 none", jnp.float32, blockwise(args.block_size, "none"), False, ""),
+        ("float32 options", jnp.float32, blockwise(args.block_size, **OPTIONS), True, ""),
+    ]
+    header = (
+        f"{'case':<17}{'jaxce ms':>10}{'naive ms':>10}{'ratio':>7}{'spread':>12}"
+        f"{'jaxce MiB':>11}{'naive MiB':>11}  target"
+    )
+    lines = [
+        f"time: N={n} D={d} V={v}, block_size={block}; median of {args.repeats} pairs "
+        f"after {args.warmup} warm-up calls each",
+        header,
+        "-" * len(header),
+    ]
+    print(*lines, sep="\n", flush=True)
+    for name, dtype, f, ignored, target in rows:
+        x, w, y = make_inputs(n, d, v, dtype)
+        ya = jnp.where(jnp.arange(n) % 8 == 3, IGNORE, y) if ignored else y
+        fa, fb = step(f), step(naive)
+        ta, tb = paired_times(lambda: fa(x, w, ya), lambda: fb(x, w, y), args.repeats, args.warmup)
+        ratios = ta / tb
+        lo, hi = np.percentile(ratios, [10, 90])
+        ratio = float(np.median(ratios))
+        mem_a, mem_b = temp_bytes(f, n, d, v, dtype), temp_bytes(naive, n, d, v, dtype)
+        met = ("yes" if ratio <= float(target[2:-1]) else "NO") if target else ""
+        line = (
+            f"{name:<17}{1e3 * statistics.median(ta):>10.1f}{1e3 * statistics.median(tb):>10.1f}"
+            f"{ratio:>7.2f}{f'{lo:.2f}-{hi:.2f}':>12}{mem_a / MIB:>11.1f}{mem_b / MIB:>11.1f}"
+            f"  {target} {met}"
+        )
+        lines.append(line)
+        print(line, flush=True)
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N=512, D=128, V=8192 for the times")
+    parser.add_argument("--block-size", type=int, default=None, help="rows per block (default: auto)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed pairs per row (default 9)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each function")
+    parser.add_argument("--only", choices=("memory", "time"), default=None)
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (5 if args.quick else 9)
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    print(
+        f"jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, optax {optax.__version__}, "
+        f"jaxce {jaxce.__version__}; backend {jax.default_backend()} "
+        f"({jax.device_count()} x {jax.devices()[0].device_kind})\n"
+    )
+    lines = []
+    if args.only in (None, "memory"):
+        lines += memory_table(args) + [""]
+    if args.only in (None, "time"):
+        lines += time_table(args)
+    print("\nratio: median of per-pair time ratios jaxce/naive (spread: 10-90% range); MiB = 2**20 B")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
