@@ -93,6 +93,25 @@ def _class_ids(num_local: int, spec: Spec) -> jax.Array:
     return lax.iota(jnp.int32, num_local) + _class_offset(num_local, spec)
 
 
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # jax >= 0.9 names it aval.mat.varying, earlier aval.vma
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def sum_like(cotangent, primal):
+    """A custom VJP's cotangent, summed over the mesh axes its primal is replicated on.
+
+    Inside ``shard_map`` a gradient accumulated over the local rows (class weights, ``w``)
+    varies over the batch axis while its input does not: its gradient is the sum over shards.
+    """
+    if cotangent is None:
+        return None
+    axes = tuple(_varying_axes(cotangent) - _varying_axes(primal))
+    return lax.psum(cotangent, axes) if axes else cotangent
+
+
 # ----------------------------------------------------------------------------------------------
 # The shared mathematics on a block of rows holding all (local) classes: z is [..., K_local].
 
@@ -223,10 +242,10 @@ def _rows_bwd(spec, residuals, cotangents):
         z, labels, mask, class_weights, lse, target_mass, g_loss, g_lse, spec
     )
     if dlabels is not None:
-        dlabels = dlabels.astype(labels.dtype)
+        dlabels = sum_like(dlabels.astype(labels.dtype), labels)
     if dweights is not None:
-        dweights = dweights.astype(class_weights.dtype)
-    return dz.astype(logits.dtype), dlabels, None, dweights
+        dweights = sum_like(dweights.astype(class_weights.dtype), class_weights)
+    return sum_like(dz.astype(logits.dtype), logits), dlabels, None, dweights
 
 
 _rows.defvjp(_rows_fwd, _rows_bwd)

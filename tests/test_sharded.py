@@ -256,16 +256,9 @@ def test_plain_loss_matches_single_device(mesh_shape, integer):
 # ----------------------------------------------------------------------------------------------
 # Class weights: each device holds its slice of the weights.
 
-CLASS_WEIGHTS_BWD_BUG = (
-    "jaxce._losses._rows_bwd returns d(class_weights) summed over the local rows only: it "
-    "varies over the batch axis (even one of size 1) while class_weights does not, so shard_map (check_vma=True) "
-    "rejects the custom VJP; the fix psums it over those axes (/work/requests/sharded.md)"
-)
-
 
 @pytest.mark.parametrize("integer", [True, False], ids=["int", "soft"])
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.xfail(strict=True, reason=CLASS_WEIGHTS_BWD_BUG)
 def test_class_weights_loss_and_grads(mesh_shape, integer):
     """The mean divides by the sum of w_{y_n} (integer labels), gathered O(N) from the slices."""
     run_case(mesh_shape, integer, FULL, "both", reductions=("none", "mean"))
