@@ -247,7 +247,7 @@ def test_check_grads_plain_measures(rng):
         check_grads(jax.jit(lambda p: jaxce.entropy(p, base=2)), (p,), order=1, modes=both)
         check_grads(jax.jit(jaxce.cross_entropy), (p, q), order=1, modes=both)
         check_grads(jax.jit(jaxce.kl_divergence), (p, q), order=1, modes=both)
-        check_grads(jax.jit(lambda z: jaxce.softmax_entropy(z, base=10)), (z,), order=2, modes=both)
+        check_grads(jax.jit(lambda z: jaxce.softmax_entropy(z, base=10)), (z,), order=1, modes=both)
         check_grads(jax.jit(jaxce.softmax_kl_divergence), (z, z[::-1]), order=1, modes=both)
 
 
