@@ -37,6 +37,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from ._losses import (
+    Normalizer,
     Options,
     check_weights,
     counted_rows,
@@ -116,8 +117,8 @@ def _sweep(
 ):
     """Walk over the rows of ``x`` [N, D] in blocks of ``block``.
 
-    ``stats`` None: compute the per-example ``(loss, logsumexp, target_mass, correct)``;
-    otherwise it is the saved ``(logsumexp, target_mass)`` and only cotangents are computed.
+    ``stats`` None: compute the per-example ``(loss, normalizer, target_mass, correct)``;
+    otherwise it is the saved ``(normalizer, target_mass)`` and only cotangents are computed.
     ``g_loss`` (and ``g_lse``, None for 0) [N]: the per-example cotangents; when given, the
     gradients ``want = (dx, dw, dbias)`` (and ``dclass_weights`` with class weights) are
     accumulated in the same pass. Returns ``(stats, grads)``.
@@ -136,16 +137,15 @@ def _sweep(
         z = _logits(xb, w, bias, dtype)
         if compute_stats:
             st = row_stats(z, yb, mask, class_weights, spec)
-            lse, mass = st.logsumexp, st.target_mass
-            new = (st.loss, lse, mass, st.correct)
+            norm, mass = st.normalizer, st.target_mass
+            new = (st.loss, norm.peak, norm.log_sum, mass, st.correct)
             rows = tuple(lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, new))
         else:
-            lse = lax.dynamic_slice_in_dim(stats[0], start, size)
-            mass = lax.dynamic_slice_in_dim(stats[1], start, size)
+            norm, mass = jax.tree.map(lambda r: lax.dynamic_slice_in_dim(r, start, size), stats)
         if grads_on:
             gb = lax.dynamic_slice_in_dim(g_loss, start, size)
             glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, size)
-            dz, _, dcw = row_cotangents(z, yb, mask, class_weights, lse, mass, gb, glb, spec)
+            dz, _, dcw = row_cotangents(z, yb, mask, class_weights, norm, mass, gb, glb, spec)
             dx, dw, db, dcw_acc = acc
             dzl = dz.astype(w.dtype)  # the matmuls run in the inputs' dtype, accumulate in f32
             if want_dx:
@@ -162,7 +162,7 @@ def _sweep(
 
     rows = ()
     if compute_stats:
-        rows = tuple(jnp.zeros((n,), dtype) for _ in range(4))
+        rows = tuple(jnp.zeros((n,), dtype) for _ in range(5))
     acc = ()
     if grads_on:
         num_classes = w.shape[1]
@@ -175,6 +175,9 @@ def _sweep(
             None if class_weights is None else jnp.zeros_like(class_weights),
         )
     rows, acc = _blocks(n, block, body, (rows, acc))
+    if compute_stats:
+        loss, peak, log_sum, mass, correct = rows
+        rows = (loss, Normalizer(peak, log_sum), mass, correct)
     if grads_on:
         dx, dw, db, dcw = acc
         if dx is not None and spec.class_axis_name is not None:
@@ -201,20 +204,20 @@ def _cast_grads(grads, x, w, bias, class_weights):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _rows(x, w, bias, labels, mask, class_weights, opts, block):
-    (loss, lse, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
-    return loss, lse, correct
+    (loss, norm, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
+    return loss, norm.lse, correct
 
 
 def _rows_fwd(x, w, bias, labels, mask, class_weights, opts, block):
-    (loss, lse, mass, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
-    return (loss, lse, correct), (x, w, bias, labels, mask, class_weights, lse, mass)
+    (loss, norm, mass, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
+    return (loss, norm.lse, correct), (x, w, bias, labels, mask, class_weights, norm, mass)
 
 
 def _rows_bwd(opts, block, residuals, cotangents):
-    x, w, bias, labels, mask, class_weights, lse, mass = residuals
+    x, w, bias, labels, mask, class_weights, norm, mass = residuals
     g_loss, g_lse, _ = cotangents
     _, grads = _sweep(
-        x, w, bias, labels, mask, class_weights, opts, block, stats=(lse, mass),
+        x, w, bias, labels, mask, class_weights, opts, block, stats=(norm, mass),
         g_loss=g_loss, g_lse=g_lse, want=(True, True, bias is not None),
     )
     dx, dw, db, dcw = _cast_grads(grads, x, w, bias, class_weights)
@@ -254,8 +257,8 @@ def _example_cotangents(labels, counted, class_weights, sample_weights, opts, dt
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _reduced(x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block):
-    (loss, lse, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
-    return finish(loss, lse, correct, labels, counted, class_weights, sample_weights, opts)
+    (loss, norm, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
+    return finish(loss, norm.lse, correct, labels, counted, class_weights, sample_weights, opts)
 
 
 def _value(p):
@@ -275,19 +278,19 @@ def _reduced_fwd(x, w, bias, labels, mask, class_weights, sample_weights, counte
     if any(want) or class_weights is not None:
         dtype = compute_dtype(x.dtype)
         g_loss = _example_cotangents(labels, counted, class_weights, sample_weights, opts, dtype)
-    (loss, lse, mass, correct), grads = _sweep(
+    (loss, norm, mass, correct), grads = _sweep(
         x, w, bias, labels, mask, class_weights, opts, block, g_loss=g_loss, want=want
     )
     fn = _finish_fn(labels, counted, correct, opts)
-    (out, aux), pull = jax.vjp(fn, loss, lse, class_weights, sample_weights)
+    (out, aux), pull = jax.vjp(fn, loss, norm.lse, class_weights, sample_weights)
     result = (out, {**aux, "correct": (correct > 0.5) & counted}) if opts.return_aux else out
-    inputs = (x, w, bias, labels, mask, class_weights, lse, mass)
+    inputs = (x, w, bias, labels, mask, class_weights, norm, mass)
     return result, (grads, pull, inputs, want)
 
 
 def _reduced_bwd(opts, block, residuals, cotangents):
     grads, pull, inputs, want = residuals
-    x, w, bias, labels, mask, class_weights, lse, mass = inputs
+    x, w, bias, labels, mask, class_weights, norm, mass = inputs
     g_out, g_aux = cotangents if opts.return_aux else (cotangents, {})
     g_aux = {k: v for k, v in g_aux.items() if k != "correct"}
 
@@ -302,7 +305,7 @@ def _reduced_bwd(opts, block, residuals, cotangents):
         dx, dw, db, dcw = (None if g is None else g_out.astype(g.dtype) * g for g in grads)
     else:  # the aux outputs are differentiated too: recompute the blocks with both cotangents
         _, (dx, dw, db, dcw) = _sweep(
-            x, w, bias, labels, mask, class_weights, opts, block, stats=(lse, mass),
+            x, w, bias, labels, mask, class_weights, opts, block, stats=(norm, mass),
             g_loss=g_loss, g_lse=g_lse, want=want,
         )
     if dcw is not None:

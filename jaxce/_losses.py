@@ -61,15 +61,6 @@ class Spec(NamedTuple):
     class_axis_name: Any = None
 
 
-class RowStats(NamedTuple):
-    """Per-example results of the forward pass (all of the batch shape)."""
-
-    loss: jax.Array  # sum_k t_k (lse - z_k) + z_loss * lse**2, in nats
-    logsumexp: jax.Array
-    target_mass: jax.Array  # T = sum_k t_k
-    correct: jax.Array  # 1.0 where the label's logit is the largest (integer labels)
-
-
 # ----------------------------------------------------------------------------------------------
 # Collectives: no-ops on one device, pmax / psum over the class axis when it is sharded.
 
@@ -151,39 +142,122 @@ def _targets(labels, mask, possible, class_weights, spec: Spec, dtype):
     return u, t
 
 
-def _exp_shifted(z, shift):
-    # exp(z - shift) for -inf-masked z; an empty row (shift -inf) gives exp(-inf - 0) = 0.
-    return jnp.exp(z - finite_or_zero(shift)[..., None])
+class Normalizer(NamedTuple):
+    """Each row's log-normaliser, kept in two parts so that no precision is lost.
+
+    :math:`\\operatorname{lse}(z) = M + \\log s` with the (finite) peak :math:`M` and
+    :math:`s = \\sum_k e^{z_k - M}`. For logits near 1e4 (or 3e38) the sum ``M + log s`` rounds
+    away most of ``log s``; probabilities formed as ``exp((z - M) - log s)`` keep it.
+    """
+
+    peak: jax.Array
+    log_sum: jax.Array
+
+    @property
+    def lse(self) -> jax.Array:
+        return self.peak + self.log_sum
+
+    def log_probs(self, z: jax.Array) -> jax.Array:
+        """``log p = (z - M) - log s`` for -inf-masked logits ``z`` [..., K]."""
+        return (z - self.peak[..., None]) - finite_or_zero(self.log_sum)[..., None]
+
+
+class RowStats(NamedTuple):
+    """Per-example results of the forward pass (all of the batch shape)."""
+
+    loss: jax.Array  # sum_k t_k (lse - z_k) + z_loss * lse**2, in nats
+    normalizer: Normalizer
+    target_mass: jax.Array  # T = sum_k t_k
+    correct: jax.Array  # 1.0 where the label's logit is the largest (integer labels)
+
+    @property
+    def logsumexp(self) -> jax.Array:
+        return self.normalizer.lse
+
+
+def _normalizer(z, spec: Spec) -> Normalizer:
+    """Peak and log-sum-exp of -inf-masked logits; an empty row has peak 0 and log_sum -inf.
+
+    A +inf logit makes the row NaN (inf - inf), as documented, rather than a finite number.
+    """
+    peak = _class_max(jnp.max(z, axis=-1), spec)
+    peak = jnp.where(peak == -jnp.inf, 0.0, peak)
+    log_sum = jnp.log(_class_sum(jnp.sum(jnp.exp(z - peak[..., None]), axis=-1), spec))
+    return Normalizer(peak, log_sum)
+
+
+def _label_lookup(values, labels, spec: Spec):
+    """``(values[..., label], held)``: an O(N) gather from the local slice, summed over shards.
+
+    ``values`` is [..., K_local] (or [K_local]); ``held`` counts the shards holding the label
+    (0 for a label outside [0, K)). Shards that do not hold it contribute 0.
+    """
+    num_local = values.shape[-1]
+    local = labels - _class_offset(num_local, spec)
+    held = (local >= 0) & (local < num_local)
+    index = jnp.clip(local, 0, num_local - 1)
+    if values.ndim == 1:
+        picked = jnp.take(values, index)
+    else:
+        picked = jnp.take_along_axis(values, index[..., None], axis=-1)[..., 0]
+    picked = jnp.where(held, picked, jnp.zeros((), values.dtype))
+    return _class_sum(picked, spec), _class_sum(held.astype(jnp.int32), spec)
+
+
+def _integer_terms(z, labels, possible, class_weights, normalizer, spec: Spec):
+    """``(T, sum_k t_k (M - z_k), label logit, found)`` for integer labels, O(N) but smoothing.
+
+    With :math:`b = (1 - \\varepsilon) w_y` and :math:`c = \\varepsilon / K_m`:
+    :math:`T = b + c \\sum_k w_k m_k` and the gap is
+    :math:`b (M - z_y) + c \\sum_k w_k m_k (M - z_k)`; only the smoothing needs class sums.
+    """
+    label_logit, found = _label_lookup(z, labels, spec)
+    weight = 1.0 if class_weights is None else _label_lookup(class_weights, labels, spec)[0]
+    # b = 0 for a label outside [0, K), as the iota comparison of the backward pass finds no class.
+    b = jnp.where(found == 1, (1.0 - spec.label_smoothing) * weight, 0.0)
+    # b * (M - z_y): 0 for a label of weight 0, +inf for a label on an impossible class.
+    mass, gap = b, xdiff(b, normalizer.peak, label_logit)
+    if spec.label_smoothing:
+        wm = possible.astype(z.dtype)
+        if class_weights is not None:
+            wm = wm * class_weights
+        num_possible = _class_sum(jnp.sum(possible, axis=-1, dtype=z.dtype), spec)
+        c = spec.label_smoothing / jnp.maximum(num_possible, 1.0)
+        spread = _class_sum(jnp.sum(xdiff(wm, normalizer.peak[..., None], z), axis=-1), spec)
+        mass = mass + c * _class_sum(jnp.sum(wm, axis=-1), spec)
+        gap = gap + c * spread
+    return mass, gap, label_logit, found
 
 
 def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
     """Forward pass on raw logits ``z`` [..., K_local] (compute dtype): loss, lse, T, correct."""
     possible = possible_classes(z, mask)
     z = masked_fill(softcap(z, spec), possible)
-    peak = _class_max(jnp.max(z, axis=-1), spec)
-    shift = finite_or_zero(peak)
-    log_sum = jnp.log(_class_sum(jnp.sum(_exp_shifted(z, peak), axis=-1), spec))
-    lse = log_sum + shift
-    _, t = _targets(labels, mask, possible, class_weights, spec, z.dtype)
-    target_mass = _class_sum(jnp.sum(t, axis=-1), spec)
-    # sum_k t_k (M - z_k) >= 0: the gap to the peak; exactly 0 where t_k = 0 (even if z_k = -inf),
-    # +inf where a target puts mass on an impossible class.
-    gap = _class_sum(jnp.sum(xdiff(t, shift[..., None], z), axis=-1), spec)
-    loss = target_mass * log_sum + gap
-    if spec.z_loss:  # (0 * lse**2 would be NaN for |lse| > 1.8e19 in float32)
-        loss = loss + spec.z_loss * lse**2
-    correct = jnp.zeros_like(lse)
+    normalizer = _normalizer(z, spec)
+    correct = jnp.zeros_like(normalizer.peak)
     if spec.integer_labels:
-        hit = _class_ids(z.shape[-1], spec) == labels[..., None]
-        found = _class_sum(jnp.sum(hit, axis=-1, dtype=jnp.int32), spec)
-        label_logit = _class_sum(jnp.sum(jnp.where(hit, z, 0.0), axis=-1), spec)
-        correct = (label_logit >= peak).astype(lse.dtype)
+        target_mass, gap, label_logit, found = _integer_terms(
+            z, labels, possible, class_weights, normalizer, spec
+        )
+        correct = (label_logit >= normalizer.peak).astype(z.dtype)
+    else:
+        _, t = _targets(labels, mask, possible, class_weights, spec, z.dtype)
+        target_mass = _class_sum(jnp.sum(t, axis=-1), spec)
+        # sum_k t_k (M - z_k) >= 0, exactly 0 where t_k = 0 (even if z_k = -inf), +inf where a
+        # target puts mass on an impossible class.
+        gap = _class_sum(jnp.sum(xdiff(t, normalizer.peak[..., None], z), axis=-1), spec)
+    loss = target_mass * normalizer.log_sum + gap
+    if spec.z_loss:  # (0 * lse**2 would be NaN for |lse| > 1.8e19 in float32)
+        loss = loss + spec.z_loss * normalizer.lse**2
+    if spec.integer_labels:
         # A label outside [0, K) has no class: NaN, never a silent wrap to another class.
         loss = jnp.where(found == 1, loss, jnp.nan)
-    return RowStats(loss, lse, target_mass, correct)
+    return RowStats(loss, normalizer, target_mass, correct)
 
 
-def row_cotangents(z, labels, mask, class_weights, lse, target_mass, g_loss, g_lse, spec: Spec):
+def row_cotangents(
+    z, labels, mask, class_weights, normalizer, target_mass, g_loss, g_lse, spec: Spec
+):
     r"""Backward pass: ``(dz, dlabels, dclass_weights)`` from the closed form.
 
     .. math:: dz_k = p_k \big(g (T + 2 \lambda_z \ell) + g_\ell\big) - g\, t_k,
@@ -191,20 +265,22 @@ def row_cotangents(z, labels, mask, class_weights, lse, target_mass, g_loss, g_l
     times the softcap's derivative :math:`1 - (z'_k / c)^2`; impossible classes get 0.
     ``dlabels`` (soft labels) is :math:`-g (1 - \varepsilon) w \log p` (0 where masked);
     ``dclass_weights`` is :math:`-\sum_n g\, u \log p`, summed over the rows of this block.
+    The target t of integer labels comes from comparing an iota with the labels: no one-hot.
     """
     possible = possible_classes(z, mask)
     capped = masked_fill(softcap(z, spec), possible)
     u, t = _targets(labels, mask, possible, class_weights, spec, z.dtype)
-    p = _exp_shifted(capped, lse)
-    coef = g_loss * (target_mass + 2.0 * spec.z_loss * finite_or_zero(lse)) + g_lse
-    dz = p * coef[..., None] - g_loss[..., None] * t
+    log_p = normalizer.log_probs(capped)
+    lse = finite_or_zero(normalizer.lse)
+    coef = g_loss * (target_mass + 2.0 * spec.z_loss * lse) + g_lse
+    dz = jnp.exp(log_p) * coef[..., None] - g_loss[..., None] * t
     if spec.logit_softcap is not None:
         dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
     dz = masked_fill(dz, possible, 0.0)
     g = g_loss[..., None]
-    # g * a * (lse - z): exactly 0 where g * a = 0 (uncounted rows, zero targets), +inf where a
+    # -g * a * log p: exactly 0 where g * a = 0 (uncounted rows, zero targets), +inf where a
     # target meets an impossible class.
-    neg_log_p = lambda a: xdiff(g * a, lse[..., None], capped)
+    neg_log_p = lambda a: xdiff(g * a, 0.0, log_p)
     dlabels = None
     if not spec.integer_labels:
         w = 1.0 if class_weights is None else class_weights
@@ -230,16 +306,16 @@ def _rows_fwd(logits, labels, mask, class_weights, spec):
     # The primal is recomputed here rather than by calling _rows, so that jax.hessian
     # (forward-over-reverse) can differentiate this function.
     stats = row_stats(logits.astype(compute_dtype(logits.dtype)), labels, mask, class_weights, spec)
-    residuals = (logits, labels, mask, class_weights, stats.logsumexp, stats.target_mass)
+    residuals = (logits, labels, mask, class_weights, stats.normalizer, stats.target_mass)
     return (stats.loss, stats.logsumexp, stats.correct), residuals
 
 
 def _rows_bwd(spec, residuals, cotangents):
-    logits, labels, mask, class_weights, lse, target_mass = residuals
+    logits, labels, mask, class_weights, normalizer, target_mass = residuals
     g_loss, g_lse, _ = cotangents  # `correct` is piecewise constant: no gradient
     z = logits.astype(compute_dtype(logits.dtype))
     dz, dlabels, dweights = row_cotangents(
-        z, labels, mask, class_weights, lse, target_mass, g_loss, g_lse, spec
+        z, labels, mask, class_weights, normalizer, target_mass, g_loss, g_lse, spec
     )
     if dlabels is not None:
         dlabels = sum_like(dlabels.astype(labels.dtype), labels)
@@ -282,12 +358,8 @@ def reduce_losses(
 
 
 def label_class_weights(class_weights, labels, spec: Spec):
-    """:math:`w_{y_n}` by an O(N) gather from the local slice (0 for labels not held here)."""
-    num_local = class_weights.shape[0]
-    local = labels - _class_offset(num_local, spec)
-    held = (local >= 0) & (local < num_local)
-    picked = jnp.where(held, jnp.take(class_weights, jnp.clip(local, 0, num_local - 1)), 0.0)
-    return _class_sum(picked, spec)
+    """:math:`w_{y_n}` by an O(N) gather from the local slice (0 for labels outside [0, K))."""
+    return _label_lookup(class_weights, labels, spec)[0]
 
 
 class Options(NamedTuple):
