@@ -50,20 +50,25 @@ from ._validation import check_floating, check_integer, check_shape, compute_dty
 
 BLOCK_BYTES = 32 * 2**20
 """The default ``block_size`` aims at about this many bytes of float32 ``block_size x V``
-temporaries (the logits of a block, their cotangent and the intermediates of the reductions
-that XLA materialises: about five such arrays on CPU)."""
+temporaries (the logits of a block and their cotangent: XLA on CPU materialises about two such
+arrays)."""
 
 SLAB_BYTES = 4 * 2**20
 """``dw`` is accumulated a slab of columns at a time, the product ``x_b^T dz`` of one slab
 holding about this many bytes."""
 
-_TEMPS_PER_ROW = 5  # float32 arrays of one block row (V entries) alive at once (measured)
+_TEMPS_PER_ROW = 2  # float32 arrays of one block row (V entries) alive at once (measured)
 
 
 def default_block_size(num_rows: int, num_classes: int) -> int:
-    """Rows per block: about :data:`BLOCK_BYTES` of temporaries, a multiple of 8 (>= 8)."""
-    rows = BLOCK_BYTES // (4 * _TEMPS_PER_ROW * max(num_classes, 1))
-    rows = max(8, rows // 8 * 8)
+    """Rows per block: a power of two (>= 8) with about :data:`BLOCK_BYTES` of temporaries.
+
+    A power of two divides typical batch sizes, so no ragged last block adds its own buffers.
+    """
+    budget = BLOCK_BYTES // (4 * _TEMPS_PER_ROW * max(num_classes, 1))
+    rows = 8
+    while rows * 2 <= budget:
+        rows *= 2
     return max(1, min(num_rows, rows))
 
 

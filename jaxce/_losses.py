@@ -204,14 +204,20 @@ def _label_lookup(values, labels, spec: Spec):
     return _class_sum(picked, spec), _class_sum(held.astype(jnp.int32), spec)
 
 
-def _integer_terms(z, labels, possible, class_weights, normalizer, spec: Spec):
+def _integer_terms(raw, z, labels, mask, possible, class_weights, normalizer, spec: Spec):
     """``(T, sum_k t_k (M - z_k), label logit, found)`` for integer labels, O(N) but smoothing.
 
     With :math:`b = (1 - \\varepsilon) w_y` and :math:`c = \\varepsilon / K_m`:
     :math:`T = b + c \\sum_k w_k m_k` and the gap is
     :math:`b (M - z_y) + c \\sum_k w_k m_k (M - z_k)`; only the smoothing needs class sums.
     """
-    label_logit, found = _label_lookup(z, labels, spec)
+    # The label's logit is gathered from the raw logits and capped / masked afterwards (O(N)),
+    # so that the capped, masked [N, K] logits need not be materialised for the gather.
+    raw_label_logit, found = _label_lookup(raw, labels, spec)
+    label_possible = raw_label_logit > -jnp.inf
+    if mask is not None:
+        label_possible &= _label_lookup(mask.astype(jnp.int32), labels, spec)[0] > 0
+    label_logit = jnp.where(label_possible, softcap(raw_label_logit, spec), -jnp.inf)
     weight = 1.0 if class_weights is None else _label_lookup(class_weights, labels, spec)[0]
     # b = 0 for a label outside [0, K), as the iota comparison of the backward pass finds no class.
     b = jnp.where(found == 1, (1.0 - spec.label_smoothing) * weight, 0.0)
@@ -231,13 +237,16 @@ def _integer_terms(z, labels, possible, class_weights, normalizer, spec: Spec):
 
 def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
     """Forward pass on raw logits ``z`` [..., K_local] (compute dtype): loss, lse, T, correct."""
-    possible = possible_classes(z, mask)
-    z = masked_fill(softcap(z, spec), possible)
+    raw = z
+    possible = possible_classes(raw, mask)
+    if mask is not None or spec.logit_softcap is not None:
+        # (Without a mask or cap, a -inf logit is already -inf: no masked copy of the logits.)
+        z = masked_fill(softcap(raw, spec), possible)
     normalizer = _normalizer(z, spec)
     correct = jnp.zeros_like(normalizer.peak)
     if spec.integer_labels:
         target_mass, gap, label_logit, found = _integer_terms(
-            z, labels, possible, class_weights, normalizer, spec
+            raw, z, labels, mask, possible, class_weights, normalizer, spec
         )
         correct = (label_logit >= normalizer.peak).astype(z.dtype)
     else:

@@ -148,10 +148,11 @@ def test_ragged_blocks(rng, monkeypatch, n, v, block_size):
 
 
 def test_default_block_size_is_flat_in_v():
-    for v in (32768, 65536, 262144):
-        rows = _linear.default_block_size(4096, v)
-        assert rows % 8 == 0 and rows >= 8
-        assert rows * v * 4 * 5 <= max(_linear.BLOCK_BYTES, 8 * v * 4 * 5)
+    expected = {32768: 128, 65536: 64, 131072: 32, 262144: 16}  # 32 MiB / (2 * 4 B * V)
+    for v, rows in expected.items():
+        assert _linear.default_block_size(4096, v) == rows
+        assert rows * v * 4 * _linear._TEMPS_PER_ROW <= _linear.BLOCK_BYTES
+    assert _linear.default_block_size(4096, 2**24) == 8  # never fewer than 8 rows
     assert _linear.default_block_size(5, 10) == 5
 
 
