@@ -120,7 +120,7 @@ def main(argv=None):
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(
         f"jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, optax {optax.__version__}, "
-        f"jaxce {jaxce.__version__}; backend {jax.default_backend()} "
+        f"jaxce {jaxce.__version__} ({jaxce.__file__}); backend {jax.default_backend()} "
         f"({jax.device_count()} x {jax.devices()[0].device_kind}); N={n} V={v}; "
         f"{repeats} timed pairs after {args.warmup} warm-up calls each"
     )
