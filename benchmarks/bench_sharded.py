@@ -15,8 +15,8 @@ Rows:
   plain ``jax.jit`` with ``NamedSharding`` inputs: XLA's automatic partitioning (GSPMD);
 - ``jaxce vocab-parallel``: ``shard_map``, logits ``x @ w`` of the local V/4 columns, the jaxce
   loss with ``class_axis_name="model", batch_axis_name="data"``;
-- ``jaxce fused vocab-parallel``: the same with ``linear_softmax_cross_entropy`` (no [N, V/4]
-  logits), when it exists.
+- ``jaxce fused vocab-parallel``: the same with ``jaxce.linear_softmax_cross_entropy`` (no
+  [N, V/4] logits).
 
 Without 8 accelerators the 8 devices are simulated on the CPU (XLA_FLAGS): they share the
 machine's cores, so only the time *ratios* and the memory mean anything, not absolute times.
@@ -47,11 +47,6 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxce  # noqa: E402
-
-try:
-    from jaxce._linear import linear_softmax_cross_entropy
-except ImportError:  # pragma: no cover
-    linear_softmax_cross_entropy = None
 
 DATA, MODEL = "data", "model"
 COLLECTIVE = re.compile(
@@ -100,14 +95,13 @@ def main():
             x @ w, y, reduction="mean", class_axis_name=MODEL, batch_axis_name=DATA)
 
     def fused(x, w, y):
-        return linear_softmax_cross_entropy(
+        return jaxce.linear_softmax_cross_entropy(
             x, w, y, reduction="mean", class_axis_name=MODEL, batch_axis_name=DATA)
 
     shard = lambda f: jax.shard_map(f, mesh=mesh, in_specs=(P(DATA), P(None, MODEL), P(DATA)),
                                     out_specs=P())
-    rows = {"gspmd optax (x @ w)": gspmd, "jaxce vocab-parallel": shard(vocab_parallel)}
-    if linear_softmax_cross_entropy is not None:
-        rows["jaxce fused vocab-parallel"] = shard(fused)
+    rows = {"gspmd optax (x @ w)": gspmd, "jaxce vocab-parallel": shard(vocab_parallel),
+            "jaxce fused vocab-parallel": shard(fused)}
 
     compiled, stats = {}, {}
     for name, f in rows.items():

@@ -17,8 +17,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
 
-import functools  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -27,11 +25,6 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxce  # noqa: E402
-
-try:
-    from jaxce._linear import linear_softmax_cross_entropy  # the fused x @ w loss
-except ImportError:  # pragma: no cover
-    linear_softmax_cross_entropy = None
 
 DATA, MODEL = "data", "model"
 N, D, V = 256, 64, 4096  # tokens per step, hidden size, vocabulary
@@ -48,22 +41,18 @@ def devices_2x4():
     return np.array(devices[:8]).reshape(2, 4)
 
 
-def local_loss(params, tokens, targets, fused):
+def local_loss(params, tokens, targets):
     """One device's shard: tokens [N/2], w [D, V/4]; returns the global mean loss."""
     h = jnp.tanh(params["embed"][tokens])  # [N/2, D], the "model" (replicated, small)
-    axes = dict(class_axis_name=MODEL, batch_axis_name=DATA)
-    if fused:
-        return linear_softmax_cross_entropy(h, params["w"], targets, reduction="mean", **axes)
-    logits = h @ params["w"]  # [N/2, V/4]: this device's slice of the vocabulary
-    return jaxce.softmax_cross_entropy_with_integer_labels(logits, targets, reduction="mean", **axes)
+    return jaxce.linear_softmax_cross_entropy(  # the fused x @ w loss, w: this device's V/4 slice
+        h, params["w"], targets, reduction="mean", class_axis_name=MODEL, batch_axis_name=DATA)
 
 
 def main():
     mesh = Mesh(devices_2x4(), (DATA, MODEL))
-    fused = linear_softmax_cross_entropy is not None
     specs = {"embed": P(), "w": P(None, MODEL)}
     loss = jax.shard_map(
-        functools.partial(local_loss, fused=fused),
+        local_loss,
         mesh=mesh,
         in_specs=(specs, P(DATA), P(DATA)),
         out_specs=P(),
@@ -92,8 +81,7 @@ def main():
     print(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices; "
           f"N={N} tokens, D={D}, V={V}; w {params['w'].shape} holds "
           f"{params['w'].addressable_shards[0].data.shape} per device")
-    print("loss:", "jaxce.linear_softmax_cross_entropy (fused)" if fused
-          else "jaxce.softmax_cross_entropy_with_integer_labels on x @ w")
+    print("loss: jaxce.linear_softmax_cross_entropy (fused)")
     memory = step.lower(params, opt_state, *data(key_data)).compile().memory_analysis()
     if memory is not None:
         print(f"per-device memory of the train step: temp {memory.temp_size_in_bytes / 2**10:.0f} KiB, "

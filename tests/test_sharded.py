@@ -401,12 +401,6 @@ def test_communication_check_sees_gathered_logits():
 # ----------------------------------------------------------------------------------------------
 # The fused linear loss: w [D, V] split over the model axis, x and labels over the data axis.
 
-try:
-    from jaxce._linear import linear_softmax_cross_entropy
-except ImportError:  # pragma: no cover - the fused loss has not landed
-    linear_softmax_cross_entropy = None
-
-needs_linear = pytest.mark.skipif(linear_softmax_cross_entropy is None, reason="no jaxce._linear")
 D = 8
 
 
@@ -424,7 +418,7 @@ def linear_problem():
 
 
 def linear_loss(x, w, labels, sample_weights, reduction, **axes):
-    return linear_softmax_cross_entropy(
+    return jaxce.linear_softmax_cross_entropy(
         x, w, labels, sample_weights=sample_weights, ignore_index=IGNORE, reduction=reduction,
         block_size=4, **FULL, **axes,
     )
@@ -452,7 +446,6 @@ def linear_reference(reduction):
         ))
 
 
-@needs_linear
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_linear_loss_and_grads_match(mesh_shape):
     """dx is summed over the model axis, dw over the data axis; both match one device."""
@@ -480,7 +473,6 @@ def temp_bytes(compiled) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-@needs_linear
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "value_and_grad"])
 def test_linear_memory_per_device(grad):
     """Temp per device of the 2x4-sharded fused loss <= the single-device fused loss on the
@@ -498,7 +490,7 @@ def test_linear_memory_per_device(grad):
         return jax.jit(h).lower(*shapes).compile()
 
     kw = dict(reduction="none", block_size=32, **FULL)
-    local = lambda x, w, y, **axes: linear_softmax_cross_entropy(x, w, y, **kw, **axes)
+    local = lambda x, w, y, **axes: jaxce.linear_softmax_cross_entropy(x, w, y, **kw, **axes)
     sharded = jax.shard_map(
         functools.partial(local, class_axis_name=MODEL, batch_axis_name=DATA),
         mesh=mesh_of((data, model)), in_specs=(P(DATA), P(None, MODEL), P(DATA)), out_specs=P(DATA),
