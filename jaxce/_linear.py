@@ -82,6 +82,10 @@ def _logits(xb, w, bias, dtype):
     return z if bias is None else z + bias.astype(dtype)
 
 
+def _slab_columns(num_features):
+    return max(128, SLAB_BYTES // (4 * num_features) // 128 * 128)
+
+
 def _add_outer(dw, xb, dz, dtype):
     """``dw + xb^T dz`` in place, a slab of columns at a time: no ``[D, V]`` temporary.
 
@@ -89,7 +93,7 @@ def _add_outer(dw, xb, dz, dtype):
     hold a second ``[D, V]`` array.)
     """
     num_classes = dz.shape[1]
-    cols = max(128, SLAB_BYTES // (4 * dw.shape[0]) // 128 * 128)
+    cols = _slab_columns(dw.shape[0])
 
     def add(start, size, dw):
         dzc = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
@@ -98,6 +102,55 @@ def _add_outer(dw, xb, dz, dtype):
         return lax.dynamic_update_slice_in_dim(dw, slab, start, axis=1)
 
     return _blocks(num_classes, cols, add, dw)
+
+
+def _filtered_products(dxb, dw, xb, w, dz, floor, dtype):
+    """``dxb + dz w^T`` and ``dw + xb^T dz`` (either may be None) a column slab at a time,
+    skipping (``lax.cond``) every slab where ``|dz| < floor`` (per row) holds everywhere."""
+    num_classes = dz.shape[1]
+    cols = _slab_columns(w.shape[0])
+
+    def add(start, size, carry):
+        dzc = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
+
+        def work(carry):
+            dxb, dw = carry
+            dzl = dzc.astype(w.dtype)  # the matmuls run in the inputs' dtype
+            if dxb is not None:
+                wc = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+                dxb = dxb + lax.dot_general(
+                    dzl, wc, (((1,), (1,)), ((), ())), preferred_element_type=dtype
+                )
+            if dw is not None:
+                prod = lax.dot_general(
+                    xb, dzl, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+                )
+                slab = lax.dynamic_slice_in_dim(dw, start, size, axis=1) + prod
+                dw = lax.dynamic_update_slice_in_dim(dw, slab, start, axis=1)
+            return dxb, dw
+
+        keep = jnp.any(jnp.abs(dzc) >= floor[:, None])
+        return lax.cond(keep, work, lambda carry: carry, carry)
+
+    # Inside shard_map both branches must vary over the same mesh axes: those of the products.
+    axes = _varying(dz) | _varying(xb) | _varying(w)
+    dxb, dw = (None if a is None else _vary(a, axes - _varying(a)) for a in (dxb, dw))
+    return _blocks(num_classes, cols, add, (dxb, dw))
+
+
+def _varying(a) -> frozenset:
+    """The manual mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)  # jax >= 0.9 names it aval.mat.varying, earlier aval.vma
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _vary(a, axes):
+    if not axes:
+        return a
+    if hasattr(lax, "pcast"):
+        return lax.pcast(a, tuple(axes), to="varying")
+    return lax.pvary(a, tuple(axes))  # jax < 0.9
 
 
 def _blocks(total, size, fn, carry):
@@ -118,7 +171,7 @@ def _blocks(total, size, fn, carry):
 
 def _sweep(
     x, w, bias, labels, mask, class_weights, opts: Options, block: int, *,
-    stats=None, g_loss=None, g_lse=None, want=(False, False, False),
+    stats=None, g_loss=None, g_lse=None, want=(False, False, False), gradient_filter=None,
 ):
     """Walk over the rows of ``x`` [N, D] in blocks of ``block``.
 
@@ -126,7 +179,9 @@ def _sweep(
     otherwise it is the saved ``(normalizer, target_mass)`` and only cotangents are computed.
     ``g_loss`` (and ``g_lse``, None for 0) [N]: the per-example cotangents; when given, the
     gradients ``want = (dx, dw, dbias)`` (and ``dclass_weights`` with class weights) are
-    accumulated in the same pass. Returns ``(stats, grads)``.
+    accumulated in the same pass; ``gradient_filter`` (a float) skips the column slabs of a
+    block where ``|dz| < gradient_filter * (|g_loss| + |g_lse|)`` (row by row) everywhere.
+    Returns ``(stats, grads)``.
     """
     spec = opts.spec
     n = x.shape[0]
@@ -153,11 +208,20 @@ def _sweep(
             dz, _, dcw = row_cotangents(z, yb, mask, class_weights, norm, mass, gb, glb, spec)
             dx, dw, db, dcw_acc = acc
             dzl = dz.astype(w.dtype)  # the matmuls run in the inputs' dtype, accumulate in f32
-            if want_dx:
-                dxb = lax.dot_general(dzl, w, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
-                dx = lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), start, 0)
-            if want_dw:
-                dw = _add_outer(dw, xb, dzl, dtype)
+            if gradient_filter is not None and (want_dx or want_dw):
+                floor = gradient_filter * (jnp.abs(gb) + jnp.abs(glb))
+                dxb = jnp.zeros((size, x.shape[1]), dtype) if want_dx else None
+                dxb, dw = _filtered_products(dxb, dw, xb, w, dz, floor, dtype)
+                if want_dx:
+                    dx = lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), start, 0)
+            else:
+                if want_dx:
+                    dxb = lax.dot_general(
+                        dzl, w, (((1,), (1,)), ((), ())), preferred_element_type=dtype
+                    )
+                    dx = lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), start, 0)
+                if want_dw:
+                    dw = _add_outer(dw, xb, dzl, dtype)
             if want_db:
                 db = db + jnp.sum(dz, axis=0)
             if dcw is not None:
@@ -207,23 +271,24 @@ def _cast_grads(grads, x, w, bias, class_weights):
 # reduction="none" (and the general case): per-example outputs, blocks recomputed backward.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _rows(x, w, bias, labels, mask, class_weights, opts, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _rows(x, w, bias, labels, mask, class_weights, opts, block, gradient_filter):
     (loss, norm, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
     return loss, norm.lse, correct
 
 
-def _rows_fwd(x, w, bias, labels, mask, class_weights, opts, block):
+def _rows_fwd(x, w, bias, labels, mask, class_weights, opts, block, gradient_filter):
     (loss, norm, mass, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
     return (loss, norm.lse, correct), (x, w, bias, labels, mask, class_weights, norm, mass)
 
 
-def _rows_bwd(opts, block, residuals, cotangents):
+def _rows_bwd(opts, block, gradient_filter, residuals, cotangents):
     x, w, bias, labels, mask, class_weights, norm, mass = residuals
     g_loss, g_lse, _ = cotangents
     _, grads = _sweep(
         x, w, bias, labels, mask, class_weights, opts, block, stats=(norm, mass),
         g_loss=g_loss, g_lse=g_lse, want=(True, True, bias is not None),
+        gradient_filter=gradient_filter,
     )
     dx, dw, db, dcw = _cast_grads(grads, x, w, bias, class_weights)
     return dx, dw, db, None, None, dcw
@@ -260,8 +325,10 @@ def _example_cotangents(labels, counted, class_weights, sample_weights, opts, dt
     return g
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _reduced(x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _reduced(
+    x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block, gradient_filter
+):
     (loss, norm, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
     return finish(loss, norm.lse, correct, labels, counted, class_weights, sample_weights, opts)
 
@@ -274,7 +341,9 @@ def _perturbed(p):
     return any(leaf.perturbed for leaf in jax.tree.leaves(p))
 
 
-def _reduced_fwd(x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block):
+def _reduced_fwd(
+    x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block, gradient_filter
+):
     want = (_perturbed(x), _perturbed(w), _perturbed(bias))
     x, w, bias, labels, mask, class_weights, sample_weights, counted = map(
         _value, (x, w, bias, labels, mask, class_weights, sample_weights, counted)
@@ -284,7 +353,8 @@ def _reduced_fwd(x, w, bias, labels, mask, class_weights, sample_weights, counte
         dtype = compute_dtype(x.dtype)
         g_loss = _example_cotangents(labels, counted, class_weights, sample_weights, opts, dtype)
     (loss, norm, mass, correct), grads = _sweep(
-        x, w, bias, labels, mask, class_weights, opts, block, g_loss=g_loss, want=want
+        x, w, bias, labels, mask, class_weights, opts, block, g_loss=g_loss, want=want,
+        gradient_filter=gradient_filter,
     )
     fn = _finish_fn(labels, counted, correct, opts)
     (out, aux), pull = jax.vjp(fn, loss, norm.lse, class_weights, sample_weights)
@@ -293,7 +363,7 @@ def _reduced_fwd(x, w, bias, labels, mask, class_weights, sample_weights, counte
     return result, (grads, pull, inputs, want)
 
 
-def _reduced_bwd(opts, block, residuals, cotangents):
+def _reduced_bwd(opts, block, gradient_filter, residuals, cotangents):
     grads, pull, inputs, want = residuals
     x, w, bias, labels, mask, class_weights, norm, mass = inputs
     g_out, g_aux = cotangents if opts.return_aux else (cotangents, {})
@@ -311,7 +381,7 @@ def _reduced_bwd(opts, block, residuals, cotangents):
     else:  # the aux outputs are differentiated too: recompute the blocks with both cotangents
         _, (dx, dw, db, dcw) = _sweep(
             x, w, bias, labels, mask, class_weights, opts, block, stats=(norm, mass),
-            g_loss=g_loss, g_lse=g_lse, want=want,
+            g_loss=g_loss, g_lse=g_lse, want=want, gradient_filter=gradient_filter,
         )
     if dcw is not None:
         dcw = dcw + d_class_weights
@@ -344,6 +414,7 @@ def linear_softmax_cross_entropy(
     block_size: int | None = None,
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
+    gradient_filter: float | None = None,
 ):
     r"""Softmax cross-entropy of the logits ``x @ w + bias`` against integer labels, blockwise.
 
@@ -379,6 +450,18 @@ def linear_softmax_cross_entropy(
         over it, ``dw`` stays local.
       batch_axis_name: the mesh axis over which the batch is split; ``"sum"`` and ``"mean"``
         become global.
+      gradient_filter: skip backward work where the logits' cotangent is negligible (the
+        gradient filtering of Cut Cross-Entropy): ``None`` (default) is exact; a threshold
+        :math:`\tau \ge 0` skips, in each block of rows, every slab of columns (the
+        :data:`SLAB_BYTES` slabs of ``dw``) where all :math:`|dz_{nk}| < \tau\, g_n`, with
+        :math:`g_n` the example's loss cotangent (:math:`dz_{nk} / g_n = p_{nk} - y_{nk}` for
+        the plain loss: slabs where every probability is below :math:`\tau` and no label is
+        likely less than :math:`1 - \tau`). A skipped slab adds nothing to ``dx`` and ``dw``:
+        each of their entries moves by at most :math:`\tau \sum_n g_n |x_{ni}|` (``dw``) and
+        :math:`\tau g_n \sum_k |w_{ik}|` (``dx``). The loss, ``bias``'s and the weights'
+        gradients stay exact. Pays off on peaked (trained) softmaxes whose likely classes
+        cluster in a few slabs, e.g. a vocabulary sorted by frequency; ``2**-12`` suits
+        float32.
 
     Returns:
       The loss in float32 (or wider): a scalar, or per example with ``reduction="none"``;
@@ -444,6 +527,14 @@ def linear_softmax_cross_entropy(
         isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
     ):
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    filt = gradient_filter
+    if filt is not None:
+        number = isinstance(filt, (int, float)) and not isinstance(filt, bool)
+        if not number or not 0 <= filt < float("inf"):
+            raise ValueError(
+                f"gradient_filter must be a finite float >= 0 or None, got {gradient_filter!r}"
+            )
+        filt = float(filt)
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, num_classes, batch_shape
     )
@@ -454,9 +545,9 @@ def linear_softmax_cross_entropy(
     sw = None if sample_weights is None else sample_weights.reshape(n)
     counted = counted_rows(y, mask, opts)
     if opts.reduction == "none":
-        loss, lse, correct = _rows(x2, w, bias, y, mask, class_weights, opts, block)
+        loss, lse, correct = _rows(x2, w, bias, y, mask, class_weights, opts, block, filt)
         out = finish(loss, lse, correct, y, counted, class_weights, sw, opts)
     else:
-        out = _reduced(x2, w, bias, y, mask, class_weights, sw, counted, opts, block)
+        out = _reduced(x2, w, bias, y, mask, class_weights, sw, counted, opts, block, filt)
     unflat = lambda a: a.reshape(batch_shape) if a.ndim == 1 else a
     return jax.tree.map(unflat, out)

@@ -262,6 +262,9 @@ def test_bad_labels_like_the_unchunked_loss(rng):
         (dict(where=np.ones(4, bool)), ValueError, r"where shape \(4,\)"),
         (dict(block_size=0), ValueError, "block_size must be a positive int"),
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(gradient_filter=-1.0), ValueError, "gradient_filter must be a finite float >= 0"),
+        (dict(gradient_filter=float("nan")), ValueError, r"gradient_filter .* got nan"),
+        (dict(gradient_filter=True), ValueError, "got True"),
     ],
 )
 def test_errors(kwargs, error, message):
@@ -292,8 +295,10 @@ def test_temp_memory_50x_below_naive():
     assert ours * 50 <= naive, (ours, naive)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_shard_map_class_and_batch_axes(rng, reduction):
+@pytest.mark.parametrize(
+    "reduction, gradient_filter", [("mean", None), ("none", None), ("mean", 1e-30), ("none", 1e-30)]
+)
+def test_shard_map_class_and_batch_axes(rng, reduction, gradient_filter):
     """On a 2 x 4 (data x model) mesh: w's V axis split over "model", the rows over "data"."""
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
@@ -304,7 +309,7 @@ def test_shard_map_class_and_batch_axes(rng, reduction):
     sw = rng.uniform(0.5, 2.0, size=16).astype(np.float32)
     cotangent = rng.normal(size=16).astype(np.float32) if reduction == "none" else 1.0
     options = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=0.01, logit_softcap=4.0,
-                   reduction=reduction, block_size=3)
+                   reduction=reduction, block_size=3, gradient_filter=gradient_filter)
 
     def single(x, w, b, cw, sw):
         out = jaxce.linear_softmax_cross_entropy(
@@ -331,3 +336,173 @@ def test_shard_map_class_and_batch_axes(rng, reduction):
     got = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3, 4)))(*args)
     for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, h, rtol=2e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradient_filter: skipped column slabs, bounded gradient error.
+
+FILTER_SLAB = 128  # columns per slab under SLAB_BYTES = 1024
+
+
+def peaked_problem(rng, n=24, d=16, v=300):
+    """Logits whose likely classes lie in the first slab of 128 classes, except for the last rows.
+
+    ``bias`` pushes the other classes down by 9, and by 5 the last three rows' labels, which
+    sit in the last slab: the last block of 8 rows keeps that slab, the others skip it.
+    """
+    w = rng.normal(size=(d, v)) / np.sqrt(d)
+    y = rng.integers(0, FILTER_SLAB, size=n).astype(np.int32)
+    y[-3:] = [260, 280, 299]
+    b = np.where(np.arange(v) < FILTER_SLAB, 0.0, -9.0)
+    b[y[-3:]] = -5.0
+    x = 0.5 * rng.normal(size=(n, d)) + 4.0 * w[:, y].T / np.sum(w[:, y] ** 2, axis=0)[:, None]
+    return x, w, b, y
+
+
+def filtered_reference(x, w, b, y, scale, threshold, block):
+    """float64 NumPy: dz = scale (p - y), zeroed on the (row block, slab) pairs that the rule
+    skips; returns (dx, dw, dbias, exact dx, exact dw, skipped, total, margin), margin being how
+    close a slab's max |dz| / scale comes to the threshold (relative)."""
+    n, v = x.shape[0], w.shape[1]
+    z = x @ w + b
+    p = np.exp(z - logsumexp(z, axis=1, keepdims=True))
+    rel = p.copy()
+    rel[np.arange(n), y] -= 1.0
+    dz = scale[:, None] * rel
+    kept = dz.copy()
+    skipped = total = 0
+    margin = np.inf
+    for r in range(0, n, block):
+        for c in range(0, v, FILTER_SLAB):
+            top = np.abs(rel[r : r + block, c : c + FILTER_SLAB]).max()
+            margin = min(margin, abs(np.log(top / threshold)))
+            total += 1
+            if top < threshold:
+                kept[r : r + block, c : c + FILTER_SLAB] = 0.0
+                skipped += 1
+    return kept @ w.T, x.T @ kept, dz.sum(0), dz @ w.T, x.T @ dz, skipped, total, margin
+
+
+def assert_within_filter_bound(dx, dw, exact_dx, exact_dw, x, w, scale, threshold, slack=0.0):
+    """Each skipped dz entry is below threshold * scale_n: bound the change of dx and dw."""
+    bound_dx = threshold * scale[:, None] * np.abs(w).sum(1)[None, :]
+    bound_dw = threshold * (scale[:, None] * np.abs(x)).sum(0)[:, None]
+    assert np.all(np.abs(dx - exact_dx) <= bound_dx + slack * np.abs(exact_dx).max())
+    assert np.all(np.abs(dw - exact_dw) <= bound_dw + slack * np.abs(exact_dw).max())
+
+
+@pytest.mark.parametrize("threshold", [1e-3, 3.5e-4])  # the latter keeps 1 slab more
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradient_filter_skips_slabs_within_the_bound(rng, monkeypatch, reduction, threshold):
+    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)  # 128-column slabs: 3 per block at V=300
+    block, n = 8, 24
+    with jax.enable_x64(True):
+        x, w, b, y = peaked_problem(rng, n=n)
+        cotangent = rng.uniform(0.5, 2.0, size=n) if reduction == "none" else 1.0
+        scale = cotangent if reduction == "none" else np.full(n, 1.0 / n)
+
+        def f(x, w, b, gradient_filter):
+            out = jaxce.linear_softmax_cross_entropy(
+                x, w, y, bias=b, reduction=reduction, block_size=block,
+                gradient_filter=gradient_filter,
+            )
+            return jnp.sum(cotangent * out)
+
+        loss, (dx, dw, db) = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, b, threshold)
+        exact_loss, (ex_dx, ex_dw, ex_db) = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, b, None)
+        ref_dx, ref_dw, ref_db, np_dx, np_dw, skipped, total, margin = filtered_reference(
+            x, w, b, y, scale, threshold, block
+        )
+        # The data's premise: some slabs are skipped, none is within 10% of the threshold.
+        assert 0 < skipped < total and margin > 0.1, (skipped, total, margin)
+        assert loss == exact_loss  # the forward pass is untouched
+        np.testing.assert_allclose(db, ex_db, rtol=1e-12, atol=1e-15)  # so is the bias
+        np.testing.assert_allclose(db, ref_db, rtol=1e-10, atol=1e-13)
+        # Exactly the slabs of the rule are left out ...
+        np.testing.assert_allclose(dx, ref_dx, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(dw, ref_dw, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(ex_dw, np_dw, rtol=1e-10, atol=1e-13)
+        # ... which changes the gradients, by no more than the bound.
+        assert np.abs(dw - ex_dw).max() > 0 and np.abs(dx - ex_dx).max() > 0
+        assert_within_filter_bound(dx, dw, ex_dx, ex_dw, x, w, scale, threshold)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-30])
+def test_gradient_filter_zero_is_exact(rng, monkeypatch, threshold):
+    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)
+    with jax.enable_x64(True):
+        x, w, b, y = peaked_problem(rng)
+        for reduction in ("mean", "none"):
+            f = lambda x, w, b, t: jnp.sum(
+                jaxce.linear_softmax_cross_entropy(
+                    x, w, y, bias=b, reduction=reduction, block_size=8, gradient_filter=t
+                )
+            )
+            got = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, b, threshold)
+            want = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, b, None)
+            for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_allclose(g, h, rtol=1e-13, atol=1e-16)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(ignore_index=IGNORE), dict(label_smoothing=0.1), dict(z_loss=0.01),
+     dict(logit_softcap=8.0), dict(return_aux=True)],
+    ids=["ignore_index", "label_smoothing", "z_loss", "logit_softcap", "aux"],
+)
+def test_gradient_filter_bound_with_options(rng, monkeypatch, options):
+    """The bound holds for every option: scale_n = |d loss / d loss_n| (+ |d loss / d lse_n|)."""
+    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)
+    threshold, n = 1e-3, 24
+    with jax.enable_x64(True):
+        x, w, b, y = peaked_problem(rng, n=n)
+        if "ignore_index" in options:
+            y[[2, 11]] = IGNORE
+        lse_weight = rng.uniform(-1.0, 1.0, size=n)  # differentiate the aux's lse too
+
+        def f(x, w, t):
+            out = jaxce.linear_softmax_cross_entropy(
+                x, w, y, bias=b, block_size=8, gradient_filter=t, **options
+            )
+            if options.get("return_aux"):
+                out, aux = out
+                out = out + jnp.sum(lse_weight * aux["logsumexp"])
+            return out
+
+        loss, (dx, dw) = jax.value_and_grad(f, argnums=(0, 1))(x, w, threshold)
+        exact_loss, (ex_dx, ex_dw) = jax.value_and_grad(f, argnums=(0, 1))(x, w, None)
+        assert loss == exact_loss
+        counted = (y != IGNORE).sum()
+        scale = np.where(y != IGNORE, 1.0 / counted, 0.0)
+        if options.get("return_aux"):
+            scale = scale + np.abs(lse_weight)
+        assert np.abs(dw - ex_dw).max() > 0  # something was skipped
+        assert_within_filter_bound(dx, dw, ex_dx, ex_dw, x, w, scale, threshold)
+
+
+def test_gradient_filter_bfloat16_and_jit(rng, monkeypatch):
+    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)
+    threshold, n = 2.0**-8, 24
+    x, w, b, y = peaked_problem(rng, n=n)
+    xb, wb = (jnp.asarray(a, jnp.bfloat16) for a in (x, w))
+    bb = jnp.asarray(b, jnp.float32)
+
+    def f(x, w, t):
+        return jaxce.linear_softmax_cross_entropy(x, w, y, bias=bb, block_size=8, gradient_filter=t)
+
+    grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)
+    loss, (dx, dw) = grad(xb, wb, threshold)
+    exact_loss, (ex_dx, ex_dw) = grad(xb, wb, None)
+    eager_loss, (eager_dx, eager_dw) = jax.value_and_grad(f, argnums=(0, 1))(xb, wb, threshold)
+    assert loss.dtype == jnp.float32 and loss == exact_loss
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(eager_dx, np.float32), np.asarray(dx, np.float32),
+                               rtol=1e-2, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(eager_dw, np.float32), np.asarray(dw, np.float32),
+                               rtol=1e-2, atol=1e-6)
+    as64 = lambda a: np.asarray(a, np.float64)
+    dx, dw, ex_dx, ex_dw = map(as64, (dx, dw, ex_dx, ex_dw))
+    assert np.abs(dw - ex_dw).max() > 0
+    # bf16 rounds the results (8 bits): allow 2**-7 of the largest entry on top of the bound.
+    assert_within_filter_bound(dx, dw, ex_dx, ex_dw, as64(xb), as64(wb), np.full(n, 1.0 / n),
+                               threshold, slack=2.0**-7)
