@@ -123,7 +123,82 @@ def possible_classes(z, mask):
     return possible if mask is None else possible & mask
 
 
-def _targets(labels, mask, possible, class_weights, spec: Spec, dtype):
+# XLA:CPU fuses arithmetic (add, mul, exp, max, min, upcasts, row broadcasts) into a reduction,
+# but a compare, select, iota or integer convert inside one is not fused: its [N, K] operand is
+# written to memory first and the pass is several times slower. The forward sums below are
+# therefore pure arithmetic where they can be: a fast form that is exact when a row holds no
+# -inf logit, and under a `lax.cond` an exact select-free form for the other rows. The cond's
+# branches build their arrays from the raw inputs (a cond operand is materialised, and an
+# upcast bf16 operand would be written out in float32).
+
+
+def _possible_indicator(z):
+    """1 for a logit above -inf, 0 for -inf, as ``min(exp(z - lowest), 1)``: no compare.
+
+    Piecewise constant, so its gradient is 0 (and never inf * 0 from the overflowing exp).
+    """
+    lowest = jnp.finfo(z.dtype).min
+    return lax.stop_gradient(jnp.minimum(jnp.exp(z - lowest), 1.0))
+
+
+def _finite_gap(t, z, peak):
+    """``sum_k t_k (M - z_k)``, reading a -inf logit as a finite one: exact where t_k = 0 there.
+
+    The halves ``M/2 - max(z, lowest)/2`` are finite for every pair, so a zero target on an
+    impossible class gives 0, not 0 * inf; doubling the sum overflows to +inf exactly when
+    the full-scale sum would (halving and doubling are exact in binary floating point).
+    """
+    half = 0.5 * peak[..., None] - 0.5 * jnp.maximum(z, jnp.finfo(z.dtype).min)
+    return 2.0 * jnp.sum(t * half, axis=-1)
+
+
+def _exact_gap(t, z, peak):
+    """``sum_k xdiff(t_k, M, z_k)`` without selects: +inf where a target t_k > 0 meets -inf."""
+    lost = jnp.sum(t * (1.0 - _possible_indicator(z)), axis=-1)  # mass on impossible classes
+    return jnp.where(lost > 0, jnp.inf, _finite_gap(t, z, peak))
+
+
+def _if_all_finite(check, fast, exact):
+    """``fast()`` if all of ``check`` is finite (no row holds a -inf logit), else ``exact()``.
+
+    Under ``shard_map`` both branches must vary over the same mesh axes: ``fast`` builds its
+    constants from data (``0 * x + K``), not with ``jnp.full``.
+    """
+    return lax.cond(jnp.all(jnp.isfinite(check)), fast, exact)
+
+
+def count_possible(z, mask, spec: Spec) -> jax.Array:
+    """K_m, the number of possible classes of each row of raw logits ``z``, ``[..., 1]``.
+
+    Without a mask: K where the row's sum is finite (no -inf logit); otherwise, under a cond,
+    the sum of the arithmetic indicator (a count of compares would be written out as [N, K]).
+    """
+    dtype = compute_dtype(z.dtype)
+    if mask is not None:
+        count = jnp.sum(possible_classes(z, mask), axis=-1, keepdims=True, dtype=dtype)
+    else:
+        row_sum = jnp.sum(z.astype(dtype), axis=-1, keepdims=True)
+        count = _if_all_finite(
+            row_sum,
+            lambda: 0.0 * row_sum + z.shape[-1],
+            lambda: jnp.sum(_possible_indicator(z.astype(dtype)), axis=-1, keepdims=True),
+        )
+    return _class_sum(count, spec)
+
+
+def _capped(raw, mask, spec: Spec):
+    """The softcapped logits with impossible classes at -inf, in the compute dtype.
+
+    Without a mask or cap this is just the upcast: a -inf logit already is -inf, and no
+    select is built (it would be written out before each reduction).
+    """
+    z = softcap(raw.astype(compute_dtype(raw.dtype)), spec)
+    if mask is None and spec.logit_softcap is None:
+        return z
+    return masked_fill(z, possible_classes(raw, mask))
+
+
+def _targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possible=None):
     """``(u, t)``: the smoothed labels u and the weighted targets t = w * u.
 
     Soft labels are masked by the user's ``mask`` (masked entries take no part, as in optax);
@@ -136,7 +211,8 @@ def _targets(labels, mask, possible, class_weights, spec: Spec, dtype):
         u = masked_fill(labels.astype(dtype), mask, 0.0)
     eps = spec.label_smoothing
     if eps:
-        num_possible = _class_sum(jnp.sum(possible, axis=-1, keepdims=True, dtype=dtype), spec)
+        if num_possible is None:
+            num_possible = _class_sum(jnp.sum(possible, axis=-1, keepdims=True, dtype=dtype), spec)
         u = (1.0 - eps) * u + jnp.where(possible, eps / jnp.maximum(num_possible, 1.0), 0.0)
     t = u if class_weights is None else u * class_weights
     return u, t
@@ -158,8 +234,13 @@ class Normalizer(NamedTuple):
         return self.peak + self.log_sum
 
     def log_probs(self, z: jax.Array) -> jax.Array:
-        """``log p = (z - M) - log s`` for -inf-masked logits ``z`` [..., K]."""
-        return (z - self.peak[..., None]) - finite_or_zero(self.log_sum)[..., None]
+        """``log p = (z - M) - log s`` for -inf-masked logits ``z`` [..., K].
+
+        ``z + (-M)`` is ``z - M`` exactly; so written, it is not the forward's broadcast of M,
+        which XLA:CPU would otherwise share and write out as [N, K] instead of fusing it into
+        the logsumexp reduction.
+        """
+        return (z + (-self.peak)[..., None]) - finite_or_zero(self.log_sum)[..., None]
 
 
 class RowStats(NamedTuple):
@@ -175,13 +256,13 @@ class RowStats(NamedTuple):
         return self.normalizer.lse
 
 
-def _normalizer(z, spec: Spec) -> Normalizer:
-    """Peak and log-sum-exp of -inf-masked logits; an empty row has peak 0 and log_sum -inf.
+def _normalizer(z, top, spec: Spec) -> Normalizer:
+    """Peak and log-sum-exp of -inf-masked logits ``z`` with row maxima ``top`` (all shards).
 
-    A +inf logit makes the row NaN (inf - inf), as documented, rather than a finite number.
+    An empty row has peak 0 and log_sum -inf. A +inf logit makes the row NaN (inf - inf), as
+    documented, rather than a finite number.
     """
-    peak = _class_max(jnp.max(z, axis=-1), spec)
-    peak = jnp.where(peak == -jnp.inf, 0.0, peak)
+    peak = jnp.where(top == -jnp.inf, 0.0, top)
     log_sum = jnp.log(_class_sum(jnp.sum(jnp.exp(z - peak[..., None]), axis=-1), spec))
     return Normalizer(peak, log_sum)
 
@@ -204,7 +285,36 @@ def _label_lookup(values, labels, spec: Spec):
     return _class_sum(picked, spec), _class_sum(held.astype(jnp.int32), spec)
 
 
-def _integer_terms(raw, z, labels, mask, possible, class_weights, normalizer, spec: Spec):
+def _smoothing_sums(raw, z, mask, class_weights, top, peak, spec: Spec):
+    """``(K_m, sum_k w_k m_k, sum_k w_k m_k (M - z_k))`` over the possible classes m (local).
+
+    Without a mask or cap, one fused pass ``sum_k w_k (M - z_k)`` is exact when no row holds
+    a -inf logit (then m = 1 and K_m = K); only otherwise the select-free sums run, under a
+    cond. With a mask or cap, the select form (``z`` are the capped, -inf-masked logits).
+    """
+    dtype = z.dtype
+    w = jnp.ones(z.shape[-1:], dtype) if class_weights is None else class_weights
+    if mask is not None or spec.logit_softcap is not None:
+        possible = possible_classes(raw, mask)
+        wm = w * possible.astype(dtype)
+        gap = jnp.sum(xdiff(wm, peak[..., None], z), axis=-1)
+        return jnp.sum(possible, axis=-1, dtype=dtype), jnp.sum(wm, axis=-1), gap
+    # ``top`` (not ``peak``): a broadcast the logsumexp pass does not share, so it is fused.
+    gap = jnp.sum(w * (top[..., None] - raw.astype(dtype)), axis=-1)
+
+    def all_possible():
+        zero = 0.0 * gap  # (finite in this branch)
+        return zero + z.shape[-1], zero + jnp.sum(w), gap
+
+    def some_impossible():
+        zf = raw.astype(dtype)
+        m = _possible_indicator(zf)
+        return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1), _finite_gap(w * m, zf, peak)
+
+    return _if_all_finite(gap, all_possible, some_impossible)
+
+
+def _integer_terms(raw, z, labels, mask, class_weights, top, normalizer, spec: Spec):
     """``(T, sum_k t_k (M - z_k), label logit, found)`` for integer labels, O(N) but smoothing.
 
     With :math:`b = (1 - \\varepsilon) w_y` and :math:`c = \\varepsilon / K_m`:
@@ -214,6 +324,7 @@ def _integer_terms(raw, z, labels, mask, possible, class_weights, normalizer, sp
     # The label's logit is gathered from the raw logits and capped / masked afterwards (O(N)),
     # so that the capped, masked [N, K] logits need not be materialised for the gather.
     raw_label_logit, found = _label_lookup(raw, labels, spec)
+    raw_label_logit = raw_label_logit.astype(z.dtype)
     label_possible = raw_label_logit > -jnp.inf
     if mask is not None:
         label_possible &= _label_lookup(mask.astype(jnp.int32), labels, spec)[0] > 0
@@ -224,37 +335,56 @@ def _integer_terms(raw, z, labels, mask, possible, class_weights, normalizer, sp
     # b * (M - z_y): 0 for a label of weight 0, +inf for a label on an impossible class.
     mass, gap = b, xdiff(b, normalizer.peak, label_logit)
     if spec.label_smoothing:
-        wm = possible.astype(z.dtype)
-        if class_weights is not None:
-            wm = wm * class_weights
-        num_possible = _class_sum(jnp.sum(possible, axis=-1, dtype=z.dtype), spec)
+        sums = _smoothing_sums(raw, z, mask, class_weights, top, normalizer.peak, spec)
+        num_possible, weight_sum, spread = (_class_sum(x, spec) for x in sums)
         c = spec.label_smoothing / jnp.maximum(num_possible, 1.0)
-        spread = _class_sum(jnp.sum(xdiff(wm, normalizer.peak[..., None], z), axis=-1), spec)
-        mass = mass + c * _class_sum(jnp.sum(wm, axis=-1), spec)
+        mass = mass + c * weight_sum
         gap = gap + c * spread
     return mass, gap, label_logit, found
 
 
+def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
+    """``(T, sum_k t_k (M - z_k))`` for label distributions.
+
+    The plain product ``t (M - z)`` is one fused pass, exact unless a row holds a -inf logit
+    (or overflows); then the select-free exact gap runs under a cond: 0 where t_k = 0 even if
+    z_k = -inf, +inf where a target puts mass on an impossible class. ``top`` (the max) rather
+    than the normaliser's peak is a broadcast the logsumexp pass does not share, so XLA fuses
+    it instead of writing it out. ``targets()`` and ``logits()`` rebuild t and z from the raw
+    inputs inside each branch, so that the cond's operands stay the raw inputs.
+    """
+    dtype = compute_dtype(raw.dtype)
+    num_possible = count_possible(raw, mask, spec) if spec.label_smoothing else None
+    targets = lambda: _targets(
+        labels, mask, possible_classes(raw, mask), class_weights, spec, dtype, num_possible
+    )[1]
+    logits = lambda: _capped(raw, mask, spec)
+    t = targets()
+    fast = jnp.sum(t * (top[..., None] - logits()), axis=-1)
+    exact = lambda: _exact_gap(targets(), logits(), normalizer.peak)
+    gap = _if_all_finite(fast, lambda: fast, exact)
+    return _class_sum(jnp.sum(t, axis=-1), spec), _class_sum(gap, spec)
+
+
 def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
-    """Forward pass on raw logits ``z`` [..., K_local] (compute dtype): loss, lse, T, correct."""
-    raw = z
-    possible = possible_classes(raw, mask)
-    if mask is not None or spec.logit_softcap is not None:
-        # (Without a mask or cap, a -inf logit is already -inf: no masked copy of the logits.)
-        z = masked_fill(softcap(raw, spec), possible)
-    normalizer = _normalizer(z, spec)
+    """Forward pass on raw logits ``z`` [..., K_local] (any float dtype): loss, lse, T, correct."""
+    raw, z = z, _capped(z, mask, spec)
+    if mask is None and spec.logit_softcap is None:
+        # The max of the raw dtype is exact; taken before the upcast, XLA fuses the upcast into
+        # each pass instead of writing an upcast copy of the (bf16) logits.
+        top = jnp.max(raw, axis=-1).astype(z.dtype)
+    else:
+        top = jnp.max(z, axis=-1)
+    top = _class_max(top, spec)
+    normalizer = _normalizer(z, top, spec)
     correct = jnp.zeros_like(normalizer.peak)
     if spec.integer_labels:
         target_mass, gap, label_logit, found = _integer_terms(
-            raw, z, labels, mask, possible, class_weights, normalizer, spec
+            raw, z, labels, mask, class_weights, top, normalizer, spec
         )
         correct = (label_logit >= normalizer.peak).astype(z.dtype)
     else:
-        _, t = _targets(labels, mask, possible, class_weights, spec, z.dtype)
-        target_mass = _class_sum(jnp.sum(t, axis=-1), spec)
-        # sum_k t_k (M - z_k) >= 0, exactly 0 where t_k = 0 (even if z_k = -inf), +inf where a
-        # target puts mass on an impossible class.
-        gap = _class_sum(jnp.sum(xdiff(t, normalizer.peak[..., None], z), axis=-1), spec)
+        target_mass, gap = _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec)
     loss = target_mass * normalizer.log_sum + gap
     if spec.z_loss:  # (0 * lse**2 would be NaN for |lse| > 1.8e19 in float32)
         loss = loss + spec.z_loss * normalizer.lse**2
@@ -278,7 +408,8 @@ def row_cotangents(
     """
     possible = possible_classes(z, mask)
     capped = masked_fill(softcap(z, spec), possible)
-    u, t = _targets(labels, mask, possible, class_weights, spec, z.dtype)
+    num_possible = count_possible(z, mask, spec) if spec.label_smoothing else None
+    u, t = _targets(labels, mask, possible, class_weights, spec, z.dtype, num_possible)
     log_p = normalizer.log_probs(capped)
     lse = finite_or_zero(normalizer.lse)
     coef = g_loss * (target_mass + 2.0 * spec.z_loss * lse) + g_lse
@@ -307,14 +438,14 @@ def row_cotangents(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _rows(logits, labels, mask, class_weights, spec: Spec):
-    stats = row_stats(logits.astype(compute_dtype(logits.dtype)), labels, mask, class_weights, spec)
+    stats = row_stats(logits, labels, mask, class_weights, spec)
     return stats.loss, stats.logsumexp, stats.correct
 
 
 def _rows_fwd(logits, labels, mask, class_weights, spec):
     # The primal is recomputed here rather than by calling _rows, so that jax.hessian
     # (forward-over-reverse) can differentiate this function.
-    stats = row_stats(logits.astype(compute_dtype(logits.dtype)), labels, mask, class_weights, spec)
+    stats = row_stats(logits, labels, mask, class_weights, spec)
     residuals = (logits, labels, mask, class_weights, stats.normalizer, stats.target_mass)
     return (stats.loss, stats.logsumexp, stats.correct), residuals
 
