@@ -11,13 +11,22 @@ argnums=(0, 1)))`` (gradients with respect to x and w) and compared on
   flipped every pair) so that load drift on a shared machine hits both alike, at N=2048,
   D=256, V=32768: float32 (target <= 1.0x), bfloat16 (both sides bf16), ``reduction="none"``
   (differentiating ``sum(loss)``), and an options row (``label_smoothing=0.1, z_loss=1e-4,
-  logit_softcap=30, ignore_index=-100`` on 1/8 of the labels).
+  logit_softcap=30, ignore_index=-100`` on 1/8 of the labels);
+- gradient filtering (``gradient_filter=2**-12``) on a peaked, trained-like softmax at the same
+  shape: ``x = g + 24 w_y / |w_y|^2`` with ``g`` standard normal, so the label's logit is about
+  24 above logits of spread ~1.5: every probability but the label's is < 1e-6 and the label's
+  is > 1 - 1e-5 (a confident model). Paired times of the filtered step against the exact
+  (unfiltered) one and against naive, the share of (row block, column slab) pairs skipped, and
+  the largest change of the gradients. A second row makes 1 row in 64 unsure (no label
+  boost): a block of rows keeps every slab where one of its rows has a probability above the
+  threshold, so then (almost) nothing is skipped.
 
 Usage::
 
     python benchmarks/bench_linear.py              # the full table (a few minutes on 2 cores)
     python benchmarks/bench_linear.py --quick      # smaller time shapes, fewer repeats
     python benchmarks/bench_linear.py --block-size 64 --only time
+    python benchmarks/bench_linear.py --only filter
 """
 
 import argparse
@@ -149,13 +158,80 @@ def time_table(args):
     return lines
 
 
+FILTER = 2.0**-12  # in the range of Cut Cross-Entropy's float32 default
+
+
+def make_peaked_inputs(n, d, v, unsure_every=0, seed=0, boost=24.0):
+    """``x @ w`` with the label's logit ~``boost`` above the rest (except every ``unsure_every``-th row)."""
+    x, w, y = make_inputs(n, d, v, jnp.float32, seed)
+    wy = w[:, y].T
+    scale = boost / jnp.sum(wy * wy, axis=1, keepdims=True)
+    if unsure_every:
+        scale = jnp.where((jnp.arange(n) % unsure_every == 0)[:, None], 0.0, scale)
+    return x + scale * wy, w, y
+
+
+def skipped_share(x, w, y, block, threshold):
+    """Share of (row block, column slab) pairs whose |p - y| all lie below ``threshold``."""
+    cols = _linear._slab_columns(w.shape[0])
+    skipped = total = 0
+    for r in range(0, x.shape[0], block):
+        z = np.asarray(x[r : r + block] @ w, np.float64)
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(p.shape[0]), np.asarray(y[r : r + block])] -= 1.0
+        for c in range(0, w.shape[1], cols):
+            total += 1
+            skipped += bool(np.abs(p[:, c : c + cols]).max() < threshold)
+    return skipped / total
+
+
+def filter_table(args):
+    n, d, v = (512, 128, 8192) if args.quick else (2048, 256, 32768)
+    block = args.block_size or _linear.default_block_size(n, v)
+    header = (
+        f"{'case':<19}{'filt ms':>9}{'exact ms':>10}{'naive ms':>10}{'f/exact':>9}{'f/naive':>9}"
+        f"{'skipped':>9}{'max|ddx|':>10}{'max|ddw|':>10}{'max|dw|':>9}"
+    )
+    lines = [
+        f"gradient_filter={FILTER:.3g} (2**-12): N={n} D={d} V={v} float32, block_size={block}, "
+        f"slab={_linear._slab_columns(d)} columns; median of {args.repeats} pairs",
+        header,
+        "-" * len(header),
+    ]
+    print(*lines, sep="\n", flush=True)
+    filtered = step(blockwise(args.block_size, gradient_filter=FILTER))
+    exact = step(blockwise(args.block_size))
+    fn = step(naive)
+    for name, unsure in (("peaked", 0), ("peaked, 1/64 unsure", 64)):
+        x, w, y = make_peaked_inputs(n, d, v, unsure)
+        ta, tb = paired_times(lambda: filtered(x, w, y), lambda: exact(x, w, y), args.repeats,
+                              args.warmup)
+        tc, td = paired_times(lambda: filtered(x, w, y), lambda: fn(x, w, y), args.repeats,
+                              args.warmup)
+        (lf, (dxf, dwf)), (le, (dxe, dwe)) = filtered(x, w, y), exact(x, w, y)
+        assert lf == le, (lf, le)  # the filter leaves the loss alone
+        line = (
+            f"{name:<19}{1e3 * statistics.median(ta):>9.1f}{1e3 * statistics.median(tb):>10.1f}"
+            f"{1e3 * statistics.median(td):>10.1f}{np.median(ta / tb):>9.2f}"
+            f"{np.median(tc / td):>9.2f}{skipped_share(x, w, y, block, FILTER):>9.1%}"
+            f"{float(jnp.abs(dxf - dxe).max()):>10.1e}{float(jnp.abs(dwf - dwe).max()):>10.1e}"
+            f"{float(jnp.abs(dwe).max()):>9.1e}"
+        )
+        lines.append(line)
+        print(line, flush=True)
+    print("max|ddx|, max|ddw|: largest change of a gradient entry vs the exact step; max|dw|: "
+          "the largest exact entry", flush=True)
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="N=512, D=128, V=8192 for the times")
     parser.add_argument("--block-size", type=int, default=None, help="rows per block (default: auto)")
     parser.add_argument("--repeats", type=int, default=None, help="timed pairs per row (default 9)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each function")
-    parser.add_argument("--only", choices=("memory", "time"), default=None)
+    parser.add_argument("--only", choices=("memory", "time", "filter"), default=None)
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (5 if args.quick else 9)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
@@ -168,7 +244,9 @@ def main(argv=None):
     if args.only in (None, "memory"):
         lines += memory_table(args) + [""]
     if args.only in (None, "time"):
-        lines += time_table(args)
+        lines += time_table(args) + [""]
+    if args.only in (None, "filter"):
+        lines += filter_table(args)
     print("\nratio: median of per-pair time ratios jaxce/naive (spread: 10-90% range); MiB = 2**20 B")
     return lines
 
