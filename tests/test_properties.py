@@ -81,9 +81,10 @@ def test_softmax_is_a_distribution(x):
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
     lp = np.asarray(jaxce.log_softmax(x))
     assert np.all(lp <= 0)
-    assert np.all(np.argmax(p, -1) == np.argmax(x, -1)) or np.any(
-        np.sort(x, -1)[..., -1] == np.sort(x, -1)[..., -2]
-    )  # the largest input gets the largest probability (ties aside)
+    # The largest input gets the largest probability (probabilities may tie where the inputs
+    # differ by less than float32 resolves after exp, e.g. -1e-38 and 0).
+    top = np.take_along_axis(p, np.argmax(np.asarray(x), -1)[..., None], -1)[..., 0]
+    assert np.all(top == p.max(-1))
 
 
 @SETTINGS
