@@ -57,6 +57,11 @@ SLAB_BYTES = 4 * 2**20
 """``dw`` is accumulated a slab of columns at a time, the product ``x_b^T dz`` of one slab
 holding about this many bytes."""
 
+FILTER_COLUMNS = 512
+"""With ``gradient_filter`` the gradients are accumulated (and skipped) in slabs of at most this
+many columns: narrow enough that the few likely classes of a block of rows leave most slabs to
+skip, wide enough for efficient matmuls (measured in ``benchmarks/bench_linear.py``)."""
+
 _TEMPS_PER_ROW = 2  # float32 arrays of one block row (V entries) alive at once (measured)
 
 
@@ -108,7 +113,7 @@ def _filtered_products(dxb, dw, xb, w, dz, floor, dtype):
     """``dxb + dz w^T`` and ``dw + xb^T dz`` (either may be None) a column slab at a time,
     skipping (``lax.cond``) every slab where ``|dz| < floor`` (per row) holds everywhere."""
     num_classes = dz.shape[1]
-    cols = _slab_columns(w.shape[0])
+    cols = min(_slab_columns(w.shape[0]), FILTER_COLUMNS)
 
     def add(start, size, carry):
         dzc = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
@@ -452,16 +457,17 @@ def linear_softmax_cross_entropy(
         become global.
       gradient_filter: skip backward work where the logits' cotangent is negligible (the
         gradient filtering of Cut Cross-Entropy): ``None`` (default) is exact; a threshold
-        :math:`\tau \ge 0` skips, in each block of rows, every slab of columns (the
-        :data:`SLAB_BYTES` slabs of ``dw``) where all :math:`|dz_{nk}| < \tau\, g_n`, with
-        :math:`g_n` the example's loss cotangent (:math:`dz_{nk} / g_n = p_{nk} - y_{nk}` for
+        :math:`\tau \ge 0` skips, in each block of rows, every slab of columns (at most
+        :data:`FILTER_COLUMNS` wide) where all :math:`|dz_{nk}| < \tau\, g_n`, with
+        :math:`g_n` the example's loss cotangent (plus the logsumexp's, if differentiated;
+        :math:`dz_{nk} / g_n = p_{nk} - y_{nk}` for
         the plain loss: slabs where every probability is below :math:`\tau` and no label is
         likely less than :math:`1 - \tau`). A skipped slab adds nothing to ``dx`` and ``dw``:
         each of their entries moves by at most :math:`\tau \sum_n g_n |x_{ni}|` (``dw``) and
         :math:`\tau g_n \sum_k |w_{ik}|` (``dx``). The loss, ``bias``'s and the weights'
         gradients stay exact. Pays off on peaked (trained) softmaxes whose likely classes
-        cluster in a few slabs, e.g. a vocabulary sorted by frequency; ``2**-12`` suits
-        float32.
+        cluster in a few slabs (a vocabulary sorted by frequency); ``benchmarks/bench_linear.py``
+        measures ``2**-12``.
 
     Returns:
       The loss in float32 (or wider): a scalar, or per example with ``reduction="none"``;
