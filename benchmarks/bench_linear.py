@@ -37,7 +37,6 @@ import argparse
 import shlex
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +45,7 @@ import numpy as np
 import optax
 
 import jaxce
+from _timing import paired_times  # benchmarks/_timing.py (the script's folder)
 from jaxce import _linear
 
 IGNORE = -100
@@ -86,21 +86,6 @@ def make_inputs(n, d, v, dtype, seed=0):
     w = (jax.random.normal(kw, (d, v), jnp.float32) / np.sqrt(d)).astype(dtype)
     y = jax.random.randint(ky, (n,), 0, v, jnp.int32)
     return x, w, y
-
-
-def paired_times(fa, fb, repeats, warmup):
-    """Alternate the calls ``fa()`` and ``fb()`` (order flipped every pair); times in seconds."""
-    for _ in range(warmup):
-        jax.block_until_ready(fa())
-        jax.block_until_ready(fb())
-    ta, tb = [], []
-    for i in range(repeats):
-        order = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
-        for f, out in order:
-            start = time.perf_counter()
-            jax.block_until_ready(f())
-            out.append(time.perf_counter() - start)
-    return np.array(ta), np.array(tb)
 
 
 def memory_table(args):

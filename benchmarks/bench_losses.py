@@ -27,7 +27,6 @@ import argparse
 import shlex
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +35,7 @@ import numpy as np
 import optax
 
 import jaxce
+from _timing import paired_times  # benchmarks/_timing.py (the script's folder)
 
 IGNORE = -100
 MIB = 2**20
@@ -62,21 +62,6 @@ def compile_step(loss, z, y):
     step = jax.jit(jax.value_and_grad(loss))
     compiled = step.lower(z, y).compile()
     return compiled, compiled.memory_analysis().temp_size_in_bytes
-
-
-def paired_times(fa, fb, repeats, warmup):
-    """Alternate the calls ``fa()`` and ``fb()`` (order flipped every pair); times in seconds."""
-    for _ in range(warmup):
-        jax.block_until_ready(fa())
-        jax.block_until_ready(fb())
-    ta, tb = [], []
-    for i in range(repeats):
-        order = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
-        for f, out in order:
-            start = time.perf_counter()
-            jax.block_until_ready(f())
-            out.append(time.perf_counter() - start)
-    return np.array(ta), np.array(tb)
 
 
 def make_inputs(n, v, dtype, soft, seed=0):
