@@ -50,8 +50,8 @@ from ._validation import check_floating, check_integer, check_shape, compute_dty
 
 BLOCK_BYTES = 32 * 2**20
 """The default ``block_size`` aims at about this many bytes of float32 ``block_size x V``
-temporaries (the logits of a block and their cotangent: XLA on CPU materialises about two such
-arrays)."""
+temporaries (the logits of a block, their cotangent and the slabs of ``dw``'s update: about one
+``block_size x V`` float32 array's worth plus a few MiB on XLA:CPU)."""
 
 SLAB_BYTES = 4 * 2**20
 """``dw`` is accumulated a slab of columns at a time, the product ``x_b^T dz`` of one slab
@@ -62,7 +62,8 @@ FILTER_COLUMNS = 512
 many columns: narrow enough that the few likely classes of a block of rows leave most slabs to
 skip, wide enough for efficient matmuls (measured in ``benchmarks/bench_linear.py``)."""
 
-_TEMPS_PER_ROW = 2  # float32 arrays of one block row (V entries) alive at once (measured)
+_TEMPS_PER_ROW = 1  # float32 [block, V] arrays XLA:CPU keeps alive at once, rounded (measured:
+# 36-39 MiB of temp at 32 MiB / (4 V) rows for V = 32768 ... 262144, N=4096, D=512)
 
 
 def default_block_size(num_rows: int, num_classes: int) -> int:

@@ -148,7 +148,7 @@ def test_ragged_blocks(rng, monkeypatch, n, v, block_size):
 
 
 def test_default_block_size_is_flat_in_v():
-    expected = {32768: 128, 65536: 64, 131072: 32, 262144: 16}  # 32 MiB / (2 * 4 B * V)
+    expected = {32768: 256, 65536: 128, 131072: 64, 262144: 32}  # 32 MiB / (4 B * V)
     for v, rows in expected.items():
         assert _linear.default_block_size(4096, v) == rows
         assert rows * v * 4 * _linear._TEMPS_PER_ROW <= _linear.BLOCK_BYTES
