@@ -36,7 +36,7 @@ from jax.typing import ArrayLike
 
 from ._checked import check_distribution, check_finite, check_labels, check_unit_interval
 from ._information import xdiff
-from ._softmax import finite_or_zero, masked_fill, move_axes_last
+from ._softmax import finite_or_zero, masked_fill, move_axes_last, prepare, probabilities
 from ._validation import (
     broadcast_mask,
     canonical_axes,
@@ -975,8 +975,6 @@ def softmax_cross_entropy_hvp(
       >>> print(jaxce.softmax_cross_entropy_hvp(jnp.zeros(2), jnp.array([1.0, 0.0])))
       [ 0.25 -0.25]
     """
-    from ._softmax import prepare, probabilities
-
     _, z, mask, axes = prepare(logits, axis, where, name="logits")
     v = jnp.asarray(v)
     check_floating("v", v)
