@@ -601,6 +601,16 @@ def _logits_in_rows(logits, axis, where, name="logits"):
     return flat, (None if mask is None else move_axes_last(mask, axes)), axes, batch_shape
 
 
+def _in_place_loss(z, labels, mask, batch_shape, class_weights, sample_weights, opts: Options):
+    """The in-place path of both softmax cross-entropies, from logits moved to [..., K]."""
+    class_weights, sample_weights = check_weights(
+        class_weights, sample_weights, z.shape[-1], batch_shape
+    )
+    loss, lse, correct = _rows(z, labels, mask, class_weights, opts.spec)
+    counted = counted_rows(labels, mask, opts)
+    return finish(loss, lse, correct, labels, counted, class_weights, sample_weights, opts)
+
+
 _OPTION_DOC = r"""
       where: boolean mask broadcastable to ``logits`` (a mask of the batch shape masks whole
         examples, as in optax). Masked classes take no part; a fully masked example has loss 0,
@@ -688,12 +698,7 @@ def softmax_cross_entropy(
     check_finite("logits", logits_in, axes, where=where)
     check_distribution("labels", labels, axes, where=where)
     y = move_axes_last(labels, axes)
-    class_weights, sample_weights = check_weights(
-        class_weights, sample_weights, z.shape[-1], batch_shape
-    )
-    loss, lse, correct = _rows(z, y, mask, class_weights, opts.spec)
-    counted = counted_rows(y, mask, opts)
-    return finish(loss, lse, correct, y, counted, class_weights, sample_weights, opts)
+    return _in_place_loss(z, y, mask, batch_shape, class_weights, sample_weights, opts)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -764,12 +769,7 @@ def softmax_cross_entropy_with_integer_labels(
     check_shape("labels", labels, batch_shape, f"logits shape without axis {axis}")
     check_finite("logits", logits, axes, where=where)
     check_labels(labels, z.shape[-1], ignore_index=ignore_index, class_axis_name=class_axis_name)
-    class_weights, sample_weights = check_weights(
-        class_weights, sample_weights, z.shape[-1], batch_shape
-    )
-    loss, lse, correct = _rows(z, labels, mask, class_weights, opts.spec)
-    counted = counted_rows(labels, mask, opts)
-    return finish(loss, lse, correct, labels, counted, class_weights, sample_weights, opts)
+    return _in_place_loss(z, labels, mask, batch_shape, class_weights, sample_weights, opts)
 
 
 def nll_loss(
