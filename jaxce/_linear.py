@@ -204,7 +204,7 @@ def _sweep(
         if compute_stats:
             st = row_stats(z, yb, mask, class_weights, spec)
             norm, mass = st.normalizer, st.target_mass
-            new = (st.loss, norm.peak, norm.log_sum, mass, st.correct)
+            new = (st.loss, norm.shift, norm.log_sum, mass, st.correct)
             rows = tuple(lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, new))
         else:
             norm, mass = jax.tree.map(lambda r: lax.dynamic_slice_in_dim(r, start, size), stats)
@@ -251,8 +251,8 @@ def _sweep(
         )
     rows, acc = _blocks(n, block, body, (rows, acc))
     if compute_stats:
-        loss, peak, log_sum, mass, correct = rows
-        rows = (loss, Normalizer(peak, log_sum), mass, correct)
+        loss, shift, log_sum, mass, correct = rows
+        rows = (loss, Normalizer(shift, log_sum), mass, correct)
     if grads_on:
         dx, dw, db, dcw = acc
         if dx is not None and spec.class_axis_name is not None:

@@ -13,16 +13,21 @@ and the loss, with :math:`T = \sum_k t_k` and :math:`\ell = \operatorname{lse}(z
 
 .. math::
     L = \sum_k t_k (\ell - z_k) + \lambda_z \ell^2
-      = T \log s + \sum_k t_k (M - z_k) + \lambda_z \ell^2,
+      = T \log s + \sum_k t_k (c - z_k) + \lambda_z \ell^2,
 
-with :math:`M = \max_k z_k` and :math:`s = \sum_k e^{z_k - M}`. Every term on the right is
-non-negative, so there is no cancellation even for logits of 1e4. Its gradient is
+with :math:`s = \sum_k e^{z_k - c}` for a per-row shift :math:`c`. Label distributions take
+the maximum :math:`c = \max_k z_k`: every term on the right is then non-negative, so there is
+no cancellation even for logits of 1e4. Integer labels take the label's own logit
+:math:`c = z_y`, which needs no max pass: the plain loss is then :math:`\log s \ge 0` itself
+(the label's term of s is 1), and a row whose :math:`e^{z_k - z_y}` overflows falls back to
+the maximum. Its gradient is
 
 .. math::
     \frac{\partial L}{\partial z_k} = p_k (T + 2 \lambda_z \ell) - t_k,
 
 which is :math:`p - y` for a plain one-hot or distribution label. Everything a path needs
-is a max, and sums over classes; a sharded path combines them with ``pmax``/``psum``.
+is a gathered label logit or a max, and sums over classes; a sharded path combines them with
+``psum``/``pmax``.
 """
 
 import functools
@@ -107,6 +112,23 @@ def sum_like(cotangent, primal):
 # The shared mathematics on a block of rows holding all (local) classes: z is [..., K_local].
 
 
+def upcast_unshared(x: jax.Array) -> jax.Array:
+    """``x`` in the compute dtype; bfloat16 by its bits (exact), never by a shared ``convert``.
+
+    bfloat16 is the upper half of a float32, so a 16-bit shift of its bits is the exact
+    conversion. XLA:CPU merges equal ``convert``s of the logits (and rewrites
+    ``convert(gather(z))`` as ``gather(convert(z))``); a convert with several users is not
+    fused into the forward's reduction but written out whole: a float32 copy of the logits in
+    temp memory (twice their size) and its page faults on every call. The label's logit and
+    the backward pass therefore upcast by bits; the reductions keep the plain convert.
+    """
+    if x.dtype == jnp.uint16:  # the bits of bfloat16 values
+        return lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
+    if x.dtype == jnp.bfloat16:
+        return upcast_unshared(lax.bitcast_convert_type(x, jnp.uint16))
+    return x.astype(compute_dtype(x.dtype))
+
+
 def softcap(z: jax.Array, spec: Spec) -> jax.Array:
     r""":math:`c \tanh(z / c)` (Gemma 2's logit soft-capping), or ``z`` when no cap is set."""
     c = spec.logit_softcap
@@ -141,21 +163,21 @@ def _possible_indicator(z):
     return lax.stop_gradient(jnp.minimum(jnp.exp(z - lowest), 1.0))
 
 
-def _finite_gap(t, z, peak):
-    """``sum_k t_k (M - z_k)``, reading a -inf logit as a finite one: exact where t_k = 0 there.
+def _finite_gap(t, z, shift):
+    """``sum_k t_k (c - z_k)``, reading a -inf logit as a finite one: exact where t_k = 0 there.
 
-    The halves ``M/2 - max(z, lowest)/2`` are finite for every pair, so a zero target on an
+    The halves ``c/2 - max(z, lowest)/2`` are finite for every pair, so a zero target on an
     impossible class gives 0, not 0 * inf; doubling the sum overflows to +inf exactly when
     the full-scale sum would (halving and doubling are exact in binary floating point).
     """
-    half = 0.5 * peak[..., None] - 0.5 * jnp.maximum(z, jnp.finfo(z.dtype).min)
+    half = 0.5 * shift[..., None] - 0.5 * jnp.maximum(z, jnp.finfo(z.dtype).min)
     return 2.0 * jnp.sum(t * half, axis=-1)
 
 
-def _exact_gap(t, z, peak):
-    """``sum_k xdiff(t_k, M, z_k)`` without selects: +inf where a target t_k > 0 meets -inf."""
+def _exact_gap(t, z, shift):
+    """``sum_k xdiff(t_k, c, z_k)`` without selects: +inf where a target t_k > 0 meets -inf."""
     lost = jnp.sum(t * (1.0 - _possible_indicator(z)), axis=-1)  # mass on impossible classes
-    return jnp.where(lost > 0, jnp.inf, _finite_gap(t, z, peak))
+    return jnp.where(lost > 0, jnp.inf, _finite_gap(t, z, shift))
 
 
 def _if_all_finite(check, fast, exact):
@@ -221,26 +243,28 @@ def _targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possi
 class Normalizer(NamedTuple):
     """Each row's log-normaliser, kept in two parts so that no precision is lost.
 
-    :math:`\\operatorname{lse}(z) = M + \\log s` with the (finite) peak :math:`M` and
-    :math:`s = \\sum_k e^{z_k - M}`. For logits near 1e4 (or 3e38) the sum ``M + log s`` rounds
-    away most of ``log s``; probabilities formed as ``exp((z - M) - log s)`` keep it.
+    :math:`\\operatorname{lse}(z) = c + \\log s` with a finite per-row shift :math:`c` and
+    :math:`s = \\sum_k e^{z_k - c}`: the row's maximum (soft labels), or the label's logit
+    (integer labels, where :math:`\\log s` is then the loss itself). For logits near 1e4
+    (or 3e38) the sum ``c + log s`` rounds away most of ``log s``; probabilities formed as
+    ``exp((z - c) - log s)`` keep it.
     """
 
-    peak: jax.Array
+    shift: jax.Array
     log_sum: jax.Array
 
     @property
     def lse(self) -> jax.Array:
-        return self.peak + self.log_sum
+        return self.shift + self.log_sum
 
     def log_probs(self, z: jax.Array) -> jax.Array:
-        """``log p = (z - M) - log s`` for -inf-masked logits ``z`` [..., K].
+        """``log p = (z - c) - log s`` for -inf-masked logits ``z`` [..., K].
 
-        ``z + (-M)`` is ``z - M`` exactly; so written, it is not the forward's broadcast of M,
+        ``z + (-c)`` is ``z - c`` exactly; so written, it is not the forward's broadcast of c,
         which XLA:CPU would otherwise share and write out as [N, K] instead of fusing it into
         the logsumexp reduction.
         """
-        return (z + (-self.peak)[..., None]) - finite_or_zero(self.log_sum)[..., None]
+        return (z + (-self.shift)[..., None]) - finite_or_zero(self.log_sum)[..., None]
 
 
 class RowStats(NamedTuple):
@@ -256,22 +280,53 @@ class RowStats(NamedTuple):
         return self.normalizer.lse
 
 
-def _normalizer(z, top, spec: Spec) -> Normalizer:
-    """Peak and log-sum-exp of -inf-masked logits ``z`` with row maxima ``top`` (all shards).
+def _shifted_normalizer(z, shift, spec: Spec) -> Normalizer:
+    """:math:`\\log \\sum_k e^{z_k - c}` of -inf-masked logits ``z`` for a finite shift c (all shards)."""
+    log_sum = jnp.log(_class_sum(jnp.sum(jnp.exp(z - shift[..., None]), axis=-1), spec))
+    return Normalizer(shift, log_sum)
 
-    An empty row has peak 0 and log_sum -inf. A +inf logit makes the row NaN (inf - inf), as
-    documented, rather than a finite number.
+
+def _row_max(raw, z, mask, spec: Spec) -> jax.Array:
+    """Each row's largest (capped, masked) logit over all shards; -inf for an empty row."""
+    if mask is None and spec.logit_softcap is None:
+        # The max of the raw dtype is exact; taken before the upcast, XLA fuses the upcast into
+        # each pass instead of writing an upcast copy of the (bf16) logits.
+        return _class_max(jnp.max(raw, axis=-1).astype(z.dtype), spec)
+    return _class_max(jnp.max(z, axis=-1), spec)
+
+
+def _peak_shift(top):
+    """The row maximum as a shift: 0 for an empty row (log_sum is then -inf). A +inf logit
+    makes the row NaN (inf - inf), as documented, rather than a finite number."""
+    return jnp.where(top == -jnp.inf, 0.0, top)
+
+
+def _label_normalizer(raw, z, label_logit, mask, spec: Spec) -> Normalizer:
+    """The normaliser shifted by the label's logit: one pass over the logits, no max pass.
+
+    :math:`s = \\sum_k e^{z_k - z_y} \\ge 1` (the label's own term is 1), so
+    :math:`\\log s = \\operatorname{lse}(z) - z_y` is the plain loss, non-negative and as
+    precise as the max-shifted form. It is exact while every :math:`e^{z_k - z_y}` is finite,
+    i.e. the label's logit is within ~88 (float32) of the row's maximum; a batch with a row
+    beyond that, or without a finite label logit (ignored, out-of-range or impossible labels
+    use the shift 0), falls back under a ``lax.cond`` to the max-shifted normaliser, which
+    rebuilds the logits from the raw input (a cond operand is materialised).
     """
-    peak = jnp.where(top == -jnp.inf, 0.0, top)
-    log_sum = jnp.log(_class_sum(jnp.sum(jnp.exp(z - peak[..., None]), axis=-1), spec))
-    return Normalizer(peak, log_sum)
+    fast = _shifted_normalizer(z, jnp.where(jnp.isfinite(label_logit), label_logit, 0.0), spec)
+
+    def by_peak():
+        capped = _capped(raw, mask, spec)
+        return _shifted_normalizer(capped, _peak_shift(_row_max(raw, capped, mask, spec)), spec)
+
+    return _if_all_finite(fast.log_sum, lambda: fast, by_peak)
 
 
-def _label_lookup(values, labels, spec: Spec):
+def _label_lookup(values, labels, spec: Spec, upcast=None):
     """``(values[..., label], held)``: an O(N) gather from the local slice, summed over shards.
 
     ``values`` is [..., K_local] (or [K_local]); ``held`` counts the shards holding the label
-    (0 for a label outside [0, K)). Shards that do not hold it contribute 0.
+    (0 for a label outside [0, K)). Shards that do not hold it contribute 0. ``upcast`` maps
+    the gathered values (before the sum over shards).
     """
     num_local = values.shape[-1]
     local = labels - _class_offset(num_local, spec)
@@ -281,14 +336,16 @@ def _label_lookup(values, labels, spec: Spec):
         picked = jnp.take(values, index)
     else:
         picked = jnp.take_along_axis(values, index[..., None], axis=-1)[..., 0]
-    picked = jnp.where(held, picked, jnp.zeros((), values.dtype))
+    if upcast is not None:
+        picked = upcast(picked)
+    picked = jnp.where(held, picked, jnp.zeros((), picked.dtype))
     return _class_sum(picked, spec), _class_sum(held.astype(jnp.int32), spec)
 
 
-def _smoothing_sums(raw, z, mask, class_weights, top, peak, spec: Spec):
-    """``(K_m, sum_k w_k m_k, sum_k w_k m_k (M - z_k))`` over the possible classes m (local).
+def _smoothing_sums(raw, z, mask, class_weights, shift, spec: Spec):
+    """``(K_m, sum_k w_k m_k, sum_k w_k m_k (c - z_k))`` over the possible classes m (local).
 
-    Without a mask or cap, one fused pass ``sum_k w_k (M - z_k)`` is exact when no row holds
+    Without a mask or cap, one fused pass ``sum_k w_k (c - z_k)`` is exact when no row holds
     a -inf logit (then m = 1 and K_m = K); only otherwise the select-free sums run, under a
     cond. With a mask or cap, the select form (``z`` are the capped, -inf-masked logits).
     """
@@ -297,10 +354,9 @@ def _smoothing_sums(raw, z, mask, class_weights, top, peak, spec: Spec):
     if mask is not None or spec.logit_softcap is not None:
         possible = possible_classes(raw, mask)
         wm = w * possible.astype(dtype)
-        gap = jnp.sum(xdiff(wm, peak[..., None], z), axis=-1)
+        gap = jnp.sum(xdiff(wm, shift[..., None], z), axis=-1)
         return jnp.sum(possible, axis=-1, dtype=dtype), jnp.sum(wm, axis=-1), gap
-    # ``top`` (not ``peak``): a broadcast the logsumexp pass does not share, so it is fused.
-    gap = jnp.sum(w * (top[..., None] - raw.astype(dtype)), axis=-1)
+    gap = jnp.sum(w * (shift[..., None] - raw.astype(dtype)), axis=-1)
 
     def all_possible():
         zero = 0.0 * gap  # (finite in this branch)
@@ -309,38 +365,46 @@ def _smoothing_sums(raw, z, mask, class_weights, top, peak, spec: Spec):
     def some_impossible():
         zf = raw.astype(dtype)
         m = _possible_indicator(zf)
-        return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1), _finite_gap(w * m, zf, peak)
+        return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1), _finite_gap(w * m, zf, shift)
 
     return _if_all_finite(gap, all_possible, some_impossible)
 
 
-def _integer_terms(raw, z, labels, mask, class_weights, top, normalizer, spec: Spec):
-    """``(T, sum_k t_k (M - z_k), label logit, found)`` for integer labels, O(N) but smoothing.
+def _label_logit(raw, labels, mask, spec: Spec):
+    """``(z_y, found)``: the label's capped logit (-inf on an impossible class), O(N).
 
-    With :math:`b = (1 - \\varepsilon) w_y` and :math:`c = \\varepsilon / K_m`:
-    :math:`T = b + c \\sum_k w_k m_k` and the gap is
-    :math:`b (M - z_y) + c \\sum_k w_k m_k (M - z_k)`; only the smoothing needs class sums.
+    Gathered from the raw logits and capped / masked afterwards, so that the capped, masked
+    [N, K] logits need not be materialised for the gather. ``found`` counts the classes
+    matching the label: 0 for a label outside [0, K).
     """
-    # The label's logit is gathered from the raw logits and capped / masked afterwards (O(N)),
-    # so that the capped, masked [N, K] logits need not be materialised for the gather.
-    raw_label_logit, found = _label_lookup(raw, labels, spec)
-    raw_label_logit = raw_label_logit.astype(z.dtype)
+    # bfloat16 logits are gathered as bits (see upcast_unshared).
+    values = lax.bitcast_convert_type(raw, jnp.uint16) if raw.dtype == jnp.bfloat16 else raw
+    raw_label_logit, found = _label_lookup(values, labels, spec, upcast_unshared)
     label_possible = raw_label_logit > -jnp.inf
     if mask is not None:
         label_possible &= _label_lookup(mask.astype(jnp.int32), labels, spec)[0] > 0
-    label_logit = jnp.where(label_possible, softcap(raw_label_logit, spec), -jnp.inf)
+    return jnp.where(label_possible, softcap(raw_label_logit, spec), -jnp.inf), found
+
+
+def _integer_terms(raw, z, labels, mask, class_weights, label_logit, found, shift, spec: Spec):
+    """``(T, sum_k t_k (c - z_k))`` for integer labels and the normaliser's shift c: O(N) but smoothing.
+
+    With :math:`b = (1 - \\varepsilon) w_y` and :math:`e = \\varepsilon / K_m`:
+    :math:`T = b + e \\sum_k w_k m_k` and the gap is
+    :math:`b (c - z_y) + e \\sum_k w_k m_k (c - z_k)`; only the smoothing needs class sums.
+    """
     weight = 1.0 if class_weights is None else _label_lookup(class_weights, labels, spec)[0]
     # b = 0 for a label outside [0, K), as the iota comparison of the backward pass finds no class.
     b = jnp.where(found == 1, (1.0 - spec.label_smoothing) * weight, 0.0)
-    # b * (M - z_y): 0 for a label of weight 0, +inf for a label on an impossible class.
-    mass, gap = b, xdiff(b, normalizer.peak, label_logit)
+    # b * (c - z_y): 0 for a label of weight 0, +inf for a label on an impossible class.
+    mass, gap = b, xdiff(b, shift, label_logit)
     if spec.label_smoothing:
-        sums = _smoothing_sums(raw, z, mask, class_weights, top, normalizer.peak, spec)
+        sums = _smoothing_sums(raw, z, mask, class_weights, shift, spec)
         num_possible, weight_sum, spread = (_class_sum(x, spec) for x in sums)
-        c = spec.label_smoothing / jnp.maximum(num_possible, 1.0)
-        mass = mass + c * weight_sum
-        gap = gap + c * spread
-    return mass, gap, label_logit, found
+        e = spec.label_smoothing / jnp.maximum(num_possible, 1.0)
+        mass = mass + e * weight_sum
+        gap = gap + e * spread
+    return mass, gap
 
 
 def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
@@ -349,7 +413,7 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
     The plain product ``t (M - z)`` is one fused pass, exact unless a row holds a -inf logit
     (or overflows); then the select-free exact gap runs under a cond: 0 where t_k = 0 even if
     z_k = -inf, +inf where a target puts mass on an impossible class. ``top`` (the max) rather
-    than the normaliser's peak is a broadcast the logsumexp pass does not share, so XLA fuses
+    than the normaliser's shift is a broadcast the logsumexp pass does not share, so XLA fuses
     it instead of writing it out. ``targets()`` and ``logits()`` rebuild t and z from the raw
     inputs inside each branch, so that the cond's operands stay the raw inputs.
     """
@@ -361,30 +425,31 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
     logits = lambda: _capped(raw, mask, spec)
     t = targets()
     fast = jnp.sum(t * (top[..., None] - logits()), axis=-1)
-    exact = lambda: _exact_gap(targets(), logits(), normalizer.peak)
+    exact = lambda: _exact_gap(targets(), logits(), normalizer.shift)
     gap = _if_all_finite(fast, lambda: fast, exact)
     return _class_sum(jnp.sum(t, axis=-1), spec), _class_sum(gap, spec)
 
 
 def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
-    """Forward pass on raw logits ``z`` [..., K_local] (any float dtype): loss, lse, T, correct."""
+    """Forward pass on raw logits ``z`` [..., K_local] (any float dtype): loss, lse, T, correct.
+
+    Integer labels shift the normaliser by the label's logit (one pass over the logits; the
+    max pass behind ``correct`` is dropped by XLA unless ``correct`` is used); label
+    distributions shift it by the row maximum.
+    """
     raw, z = z, _capped(z, mask, spec)
-    if mask is None and spec.logit_softcap is None:
-        # The max of the raw dtype is exact; taken before the upcast, XLA fuses the upcast into
-        # each pass instead of writing an upcast copy of the (bf16) logits.
-        top = jnp.max(raw, axis=-1).astype(z.dtype)
-    else:
-        top = jnp.max(z, axis=-1)
-    top = _class_max(top, spec)
-    normalizer = _normalizer(z, top, spec)
-    correct = jnp.zeros_like(normalizer.peak)
+    top = _row_max(raw, z, mask, spec)
     if spec.integer_labels:
-        target_mass, gap, label_logit, found = _integer_terms(
-            raw, z, labels, mask, class_weights, top, normalizer, spec
+        label_logit, found = _label_logit(raw, labels, mask, spec)
+        normalizer = _label_normalizer(raw, z, label_logit, mask, spec)
+        target_mass, gap = _integer_terms(
+            raw, z, labels, mask, class_weights, label_logit, found, normalizer.shift, spec
         )
-        correct = (label_logit >= normalizer.peak).astype(z.dtype)
+        correct = (label_logit >= top).astype(z.dtype)
     else:
+        normalizer = _shifted_normalizer(z, _peak_shift(top), spec)
         target_mass, gap = _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec)
+        correct = jnp.zeros_like(top)
     loss = target_mass * normalizer.log_sum + gap
     if spec.z_loss:  # (0 * lse**2 would be NaN for |lse| > 1.8e19 in float32)
         loss = loss + spec.z_loss * normalizer.lse**2
@@ -453,7 +518,7 @@ def _rows_fwd(logits, labels, mask, class_weights, spec):
 def _rows_bwd(spec, residuals, cotangents):
     logits, labels, mask, class_weights, normalizer, target_mass = residuals
     g_loss, g_lse, _ = cotangents  # `correct` is piecewise constant: no gradient
-    z = logits.astype(compute_dtype(logits.dtype))
+    z = upcast_unshared(logits)
     dz, dlabels, dweights = row_cotangents(
         z, labels, mask, class_weights, normalizer, target_mass, g_loss, g_lse, spec
     )
