@@ -181,8 +181,9 @@ def _sweep(
 ):
     """Walk over the rows of ``x`` [N, D] in blocks of ``block``.
 
-    ``stats`` None: compute the per-example ``(loss, normalizer, target_mass, correct)``;
-    otherwise it is the saved ``(normalizer, target_mass)`` and only cotangents are computed.
+    ``stats`` None: compute the per-example ``(loss, normalizer, target_mass, num_possible,
+    correct)``; otherwise it is the saved ``(normalizer, target_mass, num_possible)`` and only
+    cotangents are computed.
     ``g_loss`` (and ``g_lse``, None for 0) [N]: the per-example cotangents; when given, the
     gradients ``want = (dx, dw, dbias)`` (and ``dclass_weights`` with class weights) are
     accumulated in the same pass; ``gradient_filter`` (a float) skips the column slabs of a
@@ -203,15 +204,19 @@ def _sweep(
         z = _logits(xb, w, bias, dtype)
         if compute_stats:
             st = row_stats(z, yb, mask, class_weights, spec)
-            norm, mass = st.normalizer, st.target_mass
-            new = (st.loss, norm.shift, norm.log_sum, mass, st.correct)
+            norm, mass, count = st.normalizer, st.target_mass, st.num_possible
+            new = (st.loss, norm.shift, norm.log_sum, mass, count, st.correct)
             rows = tuple(lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, new))
         else:
-            norm, mass = jax.tree.map(lambda r: lax.dynamic_slice_in_dim(r, start, size), stats)
+            norm, mass, count = jax.tree.map(
+                lambda r: lax.dynamic_slice_in_dim(r, start, size), stats
+            )
         if grads_on:
             gb = lax.dynamic_slice_in_dim(g_loss, start, size)
             glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, size)
-            dz, _, dcw = row_cotangents(z, yb, mask, class_weights, norm, mass, gb, glb, spec)
+            dz, _, dcw = row_cotangents(
+                z, yb, mask, class_weights, norm, mass, count, gb, glb, spec
+            )
             dx, dw, db, dcw_acc = acc
             dzl = dz.astype(w.dtype)  # the matmuls run in the inputs' dtype, accumulate in f32
             if gradient_filter is not None and (want_dx or want_dw):
@@ -237,7 +242,7 @@ def _sweep(
 
     rows = ()
     if compute_stats:
-        rows = tuple(jnp.zeros((n,), dtype) for _ in range(5))
+        rows = tuple(jnp.zeros((n,), dtype) for _ in range(6))
     acc = ()
     if grads_on:
         num_classes = w.shape[1]
@@ -251,8 +256,8 @@ def _sweep(
         )
     rows, acc = _blocks(n, block, body, (rows, acc))
     if compute_stats:
-        loss, shift, log_sum, mass, correct = rows
-        rows = (loss, Normalizer(shift, log_sum), mass, correct)
+        loss, shift, log_sum, mass, count, correct = rows
+        rows = (loss, Normalizer(shift, log_sum), mass, count, correct)
     if grads_on:
         dx, dw, db, dcw = acc
         if dx is not None and spec.class_axis_name is not None:
@@ -279,20 +284,20 @@ def _cast_grads(grads, x, w, bias, class_weights):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _rows(x, w, bias, labels, mask, class_weights, opts, block, gradient_filter):
-    (loss, norm, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
+    (loss, norm, _, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
     return loss, norm.lse, correct
 
 
 def _rows_fwd(x, w, bias, labels, mask, class_weights, opts, block, gradient_filter):
-    (loss, norm, mass, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
-    return (loss, norm.lse, correct), (x, w, bias, labels, mask, class_weights, norm, mass)
+    (loss, *saved, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
+    return (loss, saved[0].lse, correct), (x, w, bias, labels, mask, class_weights, saved)
 
 
 def _rows_bwd(opts, block, gradient_filter, residuals, cotangents):
-    x, w, bias, labels, mask, class_weights, norm, mass = residuals
+    x, w, bias, labels, mask, class_weights, saved = residuals
     g_loss, g_lse, _ = cotangents
     _, grads = _sweep(
-        x, w, bias, labels, mask, class_weights, opts, block, stats=(norm, mass),
+        x, w, bias, labels, mask, class_weights, opts, block, stats=tuple(saved),
         g_loss=g_loss, g_lse=g_lse, want=(True, True, bias is not None),
         gradient_filter=gradient_filter,
     )
@@ -335,7 +340,7 @@ def _example_cotangents(labels, counted, class_weights, sample_weights, opts, dt
 def _reduced(
     x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block, gradient_filter
 ):
-    (loss, norm, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
+    (loss, norm, _, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
     return finish(loss, norm.lse, correct, labels, counted, class_weights, sample_weights, opts)
 
 
@@ -358,20 +363,20 @@ def _reduced_fwd(
     if any(want) or class_weights is not None:
         dtype = compute_dtype(x.dtype)
         g_loss = _example_cotangents(labels, counted, class_weights, sample_weights, opts, dtype)
-    (loss, norm, mass, correct), grads = _sweep(
+    (loss, *saved, correct), grads = _sweep(
         x, w, bias, labels, mask, class_weights, opts, block, g_loss=g_loss, want=want,
         gradient_filter=gradient_filter,
     )
     fn = _finish_fn(labels, counted, correct, opts)
-    (out, aux), pull = jax.vjp(fn, loss, norm.lse, class_weights, sample_weights)
+    (out, aux), pull = jax.vjp(fn, loss, saved[0].lse, class_weights, sample_weights)
     result = (out, {**aux, "correct": (correct > 0.5) & counted}) if opts.return_aux else out
-    inputs = (x, w, bias, labels, mask, class_weights, norm, mass)
+    inputs = (x, w, bias, labels, mask, class_weights, saved)
     return result, (grads, pull, inputs, want)
 
 
 def _reduced_bwd(opts, block, gradient_filter, residuals, cotangents):
     grads, pull, inputs, want = residuals
-    x, w, bias, labels, mask, class_weights, norm, mass = inputs
+    x, w, bias, labels, mask, class_weights, saved = inputs
     g_out, g_aux = cotangents if opts.return_aux else (cotangents, {})
     g_aux = {k: v for k, v in g_aux.items() if k != "correct"}
 
@@ -386,7 +391,7 @@ def _reduced_bwd(opts, block, gradient_filter, residuals, cotangents):
         dx, dw, db, dcw = (None if g is None else g_out.astype(g.dtype) * g for g in grads)
     else:  # the aux outputs are differentiated too: recompute the blocks with both cotangents
         _, (dx, dw, db, dcw) = _sweep(
-            x, w, bias, labels, mask, class_weights, opts, block, stats=(norm, mass),
+            x, w, bias, labels, mask, class_weights, opts, block, stats=tuple(saved),
             g_loss=g_loss, g_lse=g_lse, want=want, gradient_filter=gradient_filter,
         )
     if dcw is not None:

@@ -120,7 +120,9 @@ def upcast_unshared(x: jax.Array) -> jax.Array:
     ``convert(gather(z))`` as ``gather(convert(z))``); a convert with several users is not
     fused into the forward's reduction but written out whole: a float32 copy of the logits in
     temp memory (twice their size) and its page faults on every call. The label's logit and
-    the backward pass therefore upcast by bits; the reductions keep the plain convert.
+    the backward pass (logits and soft labels) therefore upcast by bits; the forward's
+    reductions keep the plain convert, each inside its own computation (see
+    ``_unless_impossible``).
     """
     if x.dtype == jnp.uint16:  # the bits of bfloat16 values
         return lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
@@ -181,7 +183,7 @@ def _exact_gap(t, z, shift):
 
 
 def _if_all_finite(check, fast, exact):
-    """``fast()`` if all of ``check`` is finite (no row holds a -inf logit), else ``exact()``.
+    """``fast()`` if all of ``check`` is finite, else ``exact()``.
 
     Under ``shard_map`` both branches must vary over the same mesh axes: ``fast`` builds its
     constants from data (``0 * x + K``), not with ``jnp.full``.
@@ -189,21 +191,37 @@ def _if_all_finite(check, fast, exact):
     return lax.cond(jnp.all(jnp.isfinite(check)), fast, exact)
 
 
-def count_possible(z, mask, spec: Spec) -> jax.Array:
-    """K_m, the number of possible classes of each row of raw logits ``z``, ``[..., 1]``.
+def _unless_impossible(raw, fast, exact):
+    """``fast()`` if no logit of ``raw`` is -inf, else ``exact()``; both build from raw inputs.
 
-    Without a mask: K where the row's sum is finite (no -inf logit); otherwise, under a cond,
+    float32 logits: ``fast()`` runs first, and its results are the test (a -inf logit makes
+    the fast sums infinite or NaN), at no cost. bfloat16 / float16 logits: the test is a min in
+    their own dtype, and ``fast()`` runs inside the cond, where its upcast of the logits is its
+    own: XLA:CPU merges equal upcasts, and one feeding two reductions is written out whole
+    as a float32 copy (twice the logits' size, and its page faults on every call).
+    """
+    if raw.dtype == compute_dtype(raw.dtype):
+        value = fast()
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(value)]))
+        return lax.cond(finite, lambda: value, exact)
+    return lax.cond(jnp.min(raw) > -jnp.inf, fast, exact)
+
+
+def _count_possible(raw, mask, spec: Spec) -> jax.Array:
+    """K_m, the number of possible classes of each row of raw logits (all shards).
+
+    Without a mask: K when no logit is -inf (a min pass tests it); otherwise, under a cond,
     the sum of the arithmetic indicator (a count of compares would be written out as [N, K]).
     """
-    dtype = compute_dtype(z.dtype)
+    dtype = compute_dtype(raw.dtype)
     if mask is not None:
-        count = jnp.sum(possible_classes(z, mask), axis=-1, keepdims=True, dtype=dtype)
+        count = jnp.sum(possible_classes(raw, mask), axis=-1, dtype=dtype)
     else:
-        row_sum = jnp.sum(z.astype(dtype), axis=-1, keepdims=True)
-        count = _if_all_finite(
-            row_sum,
-            lambda: 0.0 * row_sum + z.shape[-1],
-            lambda: jnp.sum(_possible_indicator(z.astype(dtype)), axis=-1, keepdims=True),
+        first = upcast_unshared(raw[..., 0])  # (a row vector from data, see _if_all_finite)
+        count = lax.cond(
+            jnp.min(raw) > -jnp.inf,
+            lambda: 0.0 * first + raw.shape[-1],
+            lambda: jnp.sum(_possible_indicator(raw.astype(dtype)), axis=-1),
         )
     return _class_sum(count, spec)
 
@@ -234,8 +252,9 @@ def _targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possi
     eps = spec.label_smoothing
     if eps:
         if num_possible is None:
-            num_possible = _class_sum(jnp.sum(possible, axis=-1, keepdims=True, dtype=dtype), spec)
-        u = (1.0 - eps) * u + jnp.where(possible, eps / jnp.maximum(num_possible, 1.0), 0.0)
+            num_possible = _class_sum(jnp.sum(possible, axis=-1, dtype=dtype), spec)
+        share = eps / jnp.maximum(num_possible, 1.0)[..., None]
+        u = (1.0 - eps) * u + jnp.where(possible, share, 0.0)
     t = u if class_weights is None else u * class_weights
     return u, t
 
@@ -273,6 +292,7 @@ class RowStats(NamedTuple):
     loss: jax.Array  # sum_k t_k (lse - z_k) + z_loss * lse**2, in nats
     normalizer: Normalizer
     target_mass: jax.Array  # T = sum_k t_k
+    num_possible: jax.Array  # K_m with label smoothing (0 without: unused)
     correct: jax.Array  # 1.0 where the label's logit is the largest (integer labels)
 
     @property
@@ -356,10 +376,10 @@ def _smoothing_sums(raw, z, mask, class_weights, shift, spec: Spec):
         wm = w * possible.astype(dtype)
         gap = jnp.sum(xdiff(wm, shift[..., None], z), axis=-1)
         return jnp.sum(possible, axis=-1, dtype=dtype), jnp.sum(wm, axis=-1), gap
-    gap = jnp.sum(w * (shift[..., None] - raw.astype(dtype)), axis=-1)
 
     def all_possible():
-        zero = 0.0 * gap  # (finite in this branch)
+        gap = jnp.sum(w * (shift[..., None] - raw.astype(dtype)), axis=-1)
+        zero = 0.0 * gap  # (a row vector from data, see _if_all_finite)
         return zero + z.shape[-1], zero + jnp.sum(w), gap
 
     def some_impossible():
@@ -367,7 +387,7 @@ def _smoothing_sums(raw, z, mask, class_weights, shift, spec: Spec):
         m = _possible_indicator(zf)
         return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1), _finite_gap(w * m, zf, shift)
 
-    return _if_all_finite(gap, all_possible, some_impossible)
+    return _unless_impossible(raw, all_possible, some_impossible)
 
 
 def _label_logit(raw, labels, mask, spec: Spec):
@@ -387,7 +407,9 @@ def _label_logit(raw, labels, mask, spec: Spec):
 
 
 def _integer_terms(raw, z, labels, mask, class_weights, label_logit, found, shift, spec: Spec):
-    """``(T, sum_k t_k (c - z_k))`` for integer labels and the normaliser's shift c: O(N) but smoothing.
+    """``(T, sum_k t_k (c - z_k), K_m)`` for integer labels and the normaliser's shift c.
+
+    O(N) but for label smoothing (K_m is None without it).
 
     With :math:`b = (1 - \\varepsilon) w_y` and :math:`e = \\varepsilon / K_m`:
     :math:`T = b + e \\sum_k w_k m_k` and the gap is
@@ -397,37 +419,37 @@ def _integer_terms(raw, z, labels, mask, class_weights, label_logit, found, shif
     # b = 0 for a label outside [0, K), as the iota comparison of the backward pass finds no class.
     b = jnp.where(found == 1, (1.0 - spec.label_smoothing) * weight, 0.0)
     # b * (c - z_y): 0 for a label of weight 0, +inf for a label on an impossible class.
-    mass, gap = b, xdiff(b, shift, label_logit)
+    mass, gap, num_possible = b, xdiff(b, shift, label_logit), None
     if spec.label_smoothing:
         sums = _smoothing_sums(raw, z, mask, class_weights, shift, spec)
         num_possible, weight_sum, spread = (_class_sum(x, spec) for x in sums)
         e = spec.label_smoothing / jnp.maximum(num_possible, 1.0)
         mass = mass + e * weight_sum
         gap = gap + e * spread
-    return mass, gap
+    return mass, gap, num_possible
 
 
 def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
-    """``(T, sum_k t_k (M - z_k))`` for label distributions.
+    """``(T, sum_k t_k (M - z_k), K_m)`` for label distributions (K_m None without smoothing).
 
-    The plain product ``t (M - z)`` is one fused pass, exact unless a row holds a -inf logit
-    (or overflows); then the select-free exact gap runs under a cond: 0 where t_k = 0 even if
-    z_k = -inf, +inf where a target puts mass on an impossible class. ``top`` (the max) rather
-    than the normaliser's shift is a broadcast the logsumexp pass does not share, so XLA fuses
-    it instead of writing it out. ``targets()`` and ``logits()`` rebuild t and z from the raw
-    inputs inside each branch, so that the cond's operands stay the raw inputs.
+    The plain product ``t (M - z)`` is one fused pass, exact when no logit is -inf; otherwise
+    (and with a mask, which sets logits to -inf) the select-free exact gap: 0 where t_k = 0
+    even if z_k = -inf, +inf where a target puts mass on an impossible class. ``top`` (the
+    max) rather than the normaliser's shift is a broadcast the logsumexp pass does not share,
+    so XLA fuses it instead of writing it out. ``targets()`` and ``logits()`` rebuild t and z
+    from the raw inputs in each branch, so that the cond's operands stay the raw inputs.
     """
     dtype = compute_dtype(raw.dtype)
-    num_possible = count_possible(raw, mask, spec) if spec.label_smoothing else None
+    num_possible = _count_possible(raw, mask, spec) if spec.label_smoothing else None
     targets = lambda: _targets(
         labels, mask, possible_classes(raw, mask), class_weights, spec, dtype, num_possible
     )[1]
     logits = lambda: _capped(raw, mask, spec)
-    t = targets()
-    fast = jnp.sum(t * (top[..., None] - logits()), axis=-1)
+    fast = lambda: jnp.sum(targets() * (top[..., None] - logits()), axis=-1)
     exact = lambda: _exact_gap(targets(), logits(), normalizer.shift)
-    gap = _if_all_finite(fast, lambda: fast, exact)
-    return _class_sum(jnp.sum(t, axis=-1), spec), _class_sum(gap, spec)
+    gap = exact() if mask is not None else _unless_impossible(raw, fast, exact)
+    mass = jnp.sum(targets(), axis=-1)
+    return _class_sum(mass, spec), _class_sum(gap, spec), num_possible
 
 
 def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
@@ -442,13 +464,15 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
     if spec.integer_labels:
         label_logit, found = _label_logit(raw, labels, mask, spec)
         normalizer = _label_normalizer(raw, z, label_logit, mask, spec)
-        target_mass, gap = _integer_terms(
+        target_mass, gap, num_possible = _integer_terms(
             raw, z, labels, mask, class_weights, label_logit, found, normalizer.shift, spec
         )
         correct = (label_logit >= top).astype(z.dtype)
     else:
         normalizer = _shifted_normalizer(z, _peak_shift(top), spec)
-        target_mass, gap = _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec)
+        target_mass, gap, num_possible = _soft_terms(
+            raw, labels, mask, class_weights, top, normalizer, spec
+        )
         correct = jnp.zeros_like(top)
     loss = target_mass * normalizer.log_sum + gap
     if spec.z_loss:  # (0 * lse**2 would be NaN for |lse| > 1.8e19 in float32)
@@ -456,11 +480,13 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
     if spec.integer_labels:
         # A label outside [0, K) has no class: NaN, never a silent wrap to another class.
         loss = jnp.where(found == 1, loss, jnp.nan)
-    return RowStats(loss, normalizer, target_mass, correct)
+    if num_possible is None:
+        num_possible = jnp.zeros_like(target_mass)
+    return RowStats(loss, normalizer, target_mass, num_possible, correct)
 
 
 def row_cotangents(
-    z, labels, mask, class_weights, normalizer, target_mass, g_loss, g_lse, spec: Spec
+    z, labels, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec: Spec
 ):
     r"""Backward pass: ``(dz, dlabels, dclass_weights)`` from the closed form.
 
@@ -473,7 +499,6 @@ def row_cotangents(
     """
     possible = possible_classes(z, mask)
     capped = masked_fill(softcap(z, spec), possible)
-    num_possible = count_possible(z, mask, spec) if spec.label_smoothing else None
     u, t = _targets(labels, mask, possible, class_weights, spec, z.dtype, num_possible)
     log_p = normalizer.log_probs(capped)
     lse = finite_or_zero(normalizer.lse)
@@ -511,16 +536,17 @@ def _rows_fwd(logits, labels, mask, class_weights, spec):
     # The primal is recomputed here rather than by calling _rows, so that jax.hessian
     # (forward-over-reverse) can differentiate this function.
     stats = row_stats(logits, labels, mask, class_weights, spec)
-    residuals = (logits, labels, mask, class_weights, stats.normalizer, stats.target_mass)
+    residuals = (logits, labels, mask, class_weights, *stats[1:4])
     return (stats.loss, stats.logsumexp, stats.correct), residuals
 
 
 def _rows_bwd(spec, residuals, cotangents):
-    logits, labels, mask, class_weights, normalizer, target_mass = residuals
+    logits, labels, mask, class_weights, normalizer, target_mass, num_possible = residuals
     g_loss, g_lse, _ = cotangents  # `correct` is piecewise constant: no gradient
     z = upcast_unshared(logits)
+    targets = labels if spec.integer_labels else upcast_unshared(labels)
     dz, dlabels, dweights = row_cotangents(
-        z, labels, mask, class_weights, normalizer, target_mass, g_loss, g_lse, spec
+        z, targets, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec
     )
     if dlabels is not None:
         dlabels = sum_like(dlabels.astype(labels.dtype), labels)

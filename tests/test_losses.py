@@ -889,6 +889,69 @@ def test_option_gradients_vs_plain_float64_composition(name, integer):
         np.testing.assert_allclose(grads[k], expected[k], rtol=2e-5, atol=2e-6, err_msg=k)
 
 
+LOW_PRECISION_OPTIONS = {
+    "plain": {},
+    "smoothing + z-loss + class weights": dict(eps=0.1, zl=1e-2, cw=W),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("integer", [True, False], ids=["integer", "soft"])
+@pytest.mark.parametrize("name", list(LOW_PRECISION_OPTIONS))
+@pytest.mark.parametrize("impossible", [False, True], ids=["finite", "-inf logit"])
+def test_input_dtypes_fast_and_fallback_paths(name, integer, dtype, impossible):
+    """Every dtype through both forward paths: the fast sums (no -inf logit; the label's logit
+    within e^88 of the maximum except in row 1) and the exact ones (a -inf logit in row 0, an
+    impossible class: smoothing puts no mass there). bf16 logits take the label's logit by
+    its bits. Reference: float64 on the same (rounded) values, -inf read as a masked class."""
+    kw = LOW_PRECISION_OPTIONS[name]
+    z, labels = option_data({}, integer, seed=2)
+    z[1] = [100.0, -60.0, 0.0, 3.0]  # row 1: a label on class 1 sits 160 below the maximum
+    if integer:
+        labels[:2] = [1, 1]
+    else:
+        labels[1] = [0.0, 1.0, 0.0, 0.0]
+    if impossible:
+        z[0, 2] = -np.inf
+        if integer:
+            labels[0] = 0
+        else:
+            labels[0] = [0.5, 0.25, 0.0, 0.25]
+    z = np.asarray(jnp.asarray(z, dtype).astype(jnp.float32))  # the values the dtype holds
+    rkw = dict(kw, mask=np.isfinite(z))
+    f = ce_int if integer else ce_soft
+    opts = jaxce_options({k: v for k, v in kw.items() if k != "cw"}, integer)
+    cw = jnp.asarray(kw["cw"]) if "cw" in kw else None
+
+    def loss(z):
+        return jnp.sum(f(z, labels, class_weights=cw, **opts))
+
+    value, grad = jax.jit(jax.value_and_grad(loss))(jnp.asarray(z, dtype))
+    ref = np.sum(np_ref(z, labels, integer=integer, **{k: f64(v) if k == "cw" else v for k, v in rkw.items()}))
+    np.testing.assert_allclose(value, ref, rtol=2e-6)
+    expected = ref_grads(z, labels, integer, rkw)["z"]
+    assert grad.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(grad.astype(jnp.float32)), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_integer_loss_writes_no_copy_of_the_logits(dtype):
+    """jit(value_and_grad) of the integer loss needs O(N) scratch: the label's logit shifts the
+    normaliser (no max pass), bf16 logits are upcast inside the fused passes, never as a
+    float32 copy (XLA:CPU writes out a convert that two fusions share)."""
+    z = jax.ShapeDtypeStruct((256, 2048), dtype)
+    y = jax.ShapeDtypeStruct((256,), jnp.int32)
+    for opts in ({}, dict(label_smoothing=0.1, z_loss=1e-4, ignore_index=-100)):
+        step = jax.jit(jax.value_and_grad(lambda z, y: ce_int(z, y, reduction="mean", **opts)))
+        temp = step.lower(z, y).compile().memory_analysis().temp_size_in_bytes
+        if not opts:
+            assert temp < 64 * 256, (opts, temp)  # a few [N] vectors
+        else:  # scratch of the exact smoothing sums (a cond branch, taken only for rows with
+            # -inf logits): an upcast copy and the indicator, each [N, V] float32; no more
+            assert temp <= 2 * 4 * 256 * 2048 + 64 * 256, (opts, temp)
+
+
 def test_class_weights_mean_is_pytorch_weighted_mean(rng):
     # PyTorch: sum_n w[y_n] * l_n / sum_n w[y_n] over the non-ignored n.
     z = rng.normal(size=(4, 3)).astype(np.float32)
