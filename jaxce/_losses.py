@@ -207,6 +207,25 @@ def _unless_impossible(raw, fast, exact):
     return lax.cond(jnp.min(raw) > -jnp.inf, fast, exact)
 
 
+def _in_row_blocks(fn, raw, *rows):
+    """``fn(raw, *rows)`` computed over blocks of rows with ``lax.map``: for the exact sums.
+
+    ``raw`` is [..., K]; each of ``rows`` (or None) has the same leading batch shape; ``fn``
+    maps them to arrays of the batch shape. A low-precision upcast feeding several
+    reductions is written out whole (see ``upcast_unshared``); in blocks, that scratch is
+    one block's (at most 4 MiB of float32), not the logits' size. bfloat16 blocks enter as
+    bits and are upcast by them: XLA turns the converts of the blocks into one convert of the
+    whole array before the loop.
+    """
+    batch = raw.shape[:-1]
+    bits = lambda x: lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+    unbits = lambda x: upcast_unshared(x) if x.dtype == jnp.uint16 else x
+    flat = jax.tree.map(lambda r: bits(r).reshape((-1,) + r.shape[len(batch):]), (raw, *rows))
+    block = max(1, 2**20 // raw.shape[-1])
+    out = lax.map(lambda xs: fn(*jax.tree.map(unbits, xs)), flat, batch_size=block)
+    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+
 def _count_possible(raw, mask, spec: Spec) -> jax.Array:
     """K_m, the number of possible classes of each row of raw logits (all shards).
 
@@ -382,12 +401,12 @@ def _smoothing_sums(raw, z, mask, class_weights, shift, spec: Spec):
         zero = 0.0 * gap  # (a row vector from data, see _if_all_finite)
         return zero + z.shape[-1], zero + jnp.sum(w), gap
 
-    def some_impossible():
+    def sums(raw, shift):
         zf = raw.astype(dtype)
         m = _possible_indicator(zf)
         return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1), _finite_gap(w * m, zf, shift)
 
-    return _unless_impossible(raw, all_possible, some_impossible)
+    return _unless_impossible(raw, all_possible, lambda: _in_row_blocks(sums, raw, shift))
 
 
 def _label_logit(raw, labels, mask, spec: Spec):
@@ -441,14 +460,22 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
     """
     dtype = compute_dtype(raw.dtype)
     num_possible = _count_possible(raw, mask, spec) if spec.label_smoothing else None
-    targets = lambda: _targets(
-        labels, mask, possible_classes(raw, mask), class_weights, spec, dtype, num_possible
-    )[1]
-    logits = lambda: _capped(raw, mask, spec)
-    fast = lambda: jnp.sum(targets() * (top[..., None] - logits()), axis=-1)
-    exact = lambda: _exact_gap(targets(), logits(), normalizer.shift)
+
+    def targets(raw, labels, mask, num_possible):
+        possible = possible_classes(raw, mask)
+        return _targets(labels, mask, possible, class_weights, spec, dtype, num_possible)[1]
+
+    def exact_gap(raw, labels, mask, shift, num_possible):
+        t = targets(raw, labels, mask, num_possible)
+        return _exact_gap(t, _capped(raw, mask, spec), shift)
+
+    def fast():
+        t = targets(raw, labels, mask, num_possible)
+        return jnp.sum(t * (top[..., None] - _capped(raw, mask, spec)), axis=-1)
+
+    exact = lambda: _in_row_blocks(exact_gap, raw, labels, mask, normalizer.shift, num_possible)
     gap = exact() if mask is not None else _unless_impossible(raw, fast, exact)
-    mass = jnp.sum(targets(), axis=-1)
+    mass = jnp.sum(targets(raw, labels, mask, num_possible), axis=-1)
     return _class_sum(mass, spec), _class_sum(gap, spec), num_possible
 
 
