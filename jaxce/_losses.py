@@ -215,8 +215,10 @@ def _in_row_blocks(fn, raw, *rows):
     reductions is written out whole (see ``upcast_unshared``); in blocks, that scratch is
     one block's (at most 4 MiB of float32), not the logits' size. bfloat16 blocks enter as
     bits and are upcast by them: XLA turns the converts of the blocks into one convert of the
-    whole array before the loop.
+    whole array before the loop. float32 logits need no upcast, and no blocks.
     """
+    if raw.dtype == compute_dtype(raw.dtype):
+        return fn(raw, *rows)
     batch = raw.shape[:-1]
     bits = lambda x: lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
     unbits = lambda x: upcast_unshared(x) if x.dtype == jnp.uint16 else x
