@@ -259,6 +259,39 @@ def test_plain_loss_matches_single_device(mesh_shape, integer):
     run_case(mesh_shape, integer, {}, "none", reductions=("mean",))
 
 
+@pytest.mark.parametrize("integer", [True, False], ids=["int", "soft"])
+def test_bfloat16_with_an_impossible_class_on_one_shard(integer):
+    """bf16 logits with label smoothing: the device whose slice holds a -inf logit takes the
+    exact sums, the others the fast ones (each tests its own slice), and together they give
+    the single-device loss and gradient."""
+    a = problem(integer)
+    z = a["logits"].copy()
+    z[N // 2 + 1, V - 1] = -np.inf  # the last model shard, one counted row
+    z = jnp.asarray(z, jnp.bfloat16)
+    labels = jnp.asarray(a["labels"], jnp.bfloat16) if not integer else jnp.asarray(a["labels"])
+    options = dict(label_smoothing=0.1, z_loss=1e-2)
+
+    def loss(z, labels, **axes):
+        if integer:
+            out = jaxce.softmax_cross_entropy_with_integer_labels(
+                z, labels, ignore_index=IGNORE, reduction="sum", **options, **axes)
+        else:
+            out = jaxce.softmax_cross_entropy(z, labels, reduction="sum", **options, **axes)
+        return out
+
+    single = jax.jit(jax.value_and_grad(loss))(z, labels)
+    spec = P(DATA) if integer else P(DATA, MODEL)
+    sharded = jax.jit(jax.value_and_grad(jax.shard_map(
+        functools.partial(loss, class_axis_name=MODEL, batch_axis_name=DATA),
+        mesh=mesh_of((2, 4)), in_specs=(P(DATA, MODEL), spec), out_specs=P(),
+    )))(z, labels)
+    assert np.isfinite(float(single[0]))
+    np.testing.assert_allclose(float(sharded[0]), float(single[0]), rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(sharded[1], np.float32), np.asarray(single[1], np.float32),
+                               rtol=1e-2, atol=1e-3)
+    assert float(sharded[1][N // 2 + 1, V - 1]) == 0.0  # an impossible class: no gradient
+
+
 # ----------------------------------------------------------------------------------------------
 # Class weights: each device holds its slice of the weights.
 
