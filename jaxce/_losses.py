@@ -228,23 +228,31 @@ def _in_row_blocks(fn, raw, *rows):
     return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
 
 
-def _count_possible(raw, mask, spec: Spec) -> jax.Array:
-    """K_m, the number of possible classes of each row of raw logits (all shards).
+def _count_possible(raw, mask, class_weights, spec: Spec):
+    """``(K_m, W_m)``: the number and total weight of each row's possible classes (all shards).
 
-    Without a mask: K when no logit is -inf (a min pass tests it); otherwise, under a cond,
-    the sum of the arithmetic indicator (a count of compares would be written out as [N, K]).
+    Without a mask: K and sum(w) when no logit is -inf (a min pass tests it, no count);
+    otherwise, under a cond, sums of the arithmetic indicator (a count of compares would be
+    written out as [N, K]). With a mask: the sums of the mask of possible classes.
     """
     dtype = compute_dtype(raw.dtype)
+    w = jnp.ones(raw.shape[-1:], dtype) if class_weights is None else class_weights
+
+    def sums(raw, mask):
+        m = (possible_classes(raw, mask).astype(dtype) if mask is not None
+             else _possible_indicator(raw.astype(dtype)))
+        return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1)
+
     if mask is not None:
-        count = jnp.sum(possible_classes(raw, mask), axis=-1, dtype=dtype)
+        counts = sums(raw, mask)
     else:
         first = upcast_unshared(raw[..., 0])  # (a row vector from data, see _if_all_finite)
-        count = lax.cond(
+        counts = lax.cond(
             jnp.min(raw) > -jnp.inf,
-            lambda: 0.0 * first + raw.shape[-1],
-            lambda: jnp.sum(_possible_indicator(raw.astype(dtype)), axis=-1),
+            lambda: (0.0 * first + raw.shape[-1], 0.0 * first + jnp.sum(w)),
+            lambda: _in_row_blocks(lambda raw: sums(raw, None), raw),
         )
-    return _class_sum(count, spec)
+    return tuple(_class_sum(c, spec) for c in counts)
 
 
 def _capped(raw, mask, spec: Spec):
@@ -457,28 +465,39 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
     (and with a mask, which sets logits to -inf) the select-free exact gap: 0 where t_k = 0
     even if z_k = -inf, +inf where a target puts mass on an impossible class. ``top`` (the
     max) rather than the normaliser's shift is a broadcast the logsumexp pass does not share,
-    so XLA fuses it instead of writing it out. ``targets()`` and ``logits()`` rebuild t and z
-    from the raw inputs in each branch, so that the cond's operands stay the raw inputs.
+    so XLA fuses it instead of writing it out. The targets are rebuilt from the raw inputs in
+    each branch (the cond's operands stay the raw inputs); the fast branch (no mask, no -inf
+    logit) knows every class is possible and needs no compare. :math:`T = (1 - \\varepsilon) \\sum_k w_k y_k +
+    \\varepsilon W_m / K_m` needs none either.
     """
     dtype = compute_dtype(raw.dtype)
-    num_possible = _count_possible(raw, mask, spec) if spec.label_smoothing else None
-
-    def targets(raw, labels, mask, num_possible):
-        possible = possible_classes(raw, mask)
-        return _targets(labels, mask, possible, class_weights, spec, dtype, num_possible)[1]
+    eps = spec.label_smoothing
+    num_possible = weight_possible = None
+    if eps:
+        num_possible, weight_possible = _count_possible(raw, mask, class_weights, spec)
 
     def exact_gap(raw, labels, mask, shift, num_possible):
-        t = targets(raw, labels, mask, num_possible)
+        possible = possible_classes(raw, mask)
+        t = _targets(labels, mask, possible, class_weights, spec, dtype, num_possible)[1]
         return _exact_gap(t, _capped(raw, mask, spec), shift)
 
     def fast():
-        t = targets(raw, labels, mask, num_possible)
-        return jnp.sum(t * (top[..., None] - _capped(raw, mask, spec)), axis=-1)
+        # Every class is possible here: the smoothing's term is eps / K sum_k w_k (M - z_k),
+        # a sum of its own (its targets, shared with the backward pass, would be written out).
+        z, w = softcap(raw.astype(dtype), spec), 1.0 if class_weights is None else class_weights
+        gap = jnp.sum(w * labels.astype(dtype) * (top[..., None] - z), axis=-1)
+        if not eps:
+            return gap
+        spread = -jnp.sum(w * (z - top[..., None]), axis=-1)  # (not the broadcast above)
+        return (1.0 - eps) * gap + eps * spread / jnp.maximum(num_possible, 1.0)
 
     exact = lambda: _in_row_blocks(exact_gap, raw, labels, mask, normalizer.shift, num_possible)
     gap = exact() if mask is not None else _unless_impossible(raw, fast, exact)
-    mass = jnp.sum(targets(raw, labels, mask, num_possible), axis=-1)
-    return _class_sum(mass, spec), _class_sum(gap, spec), num_possible
+    w = 1.0 if class_weights is None else class_weights
+    mass = _class_sum(jnp.sum(w * masked_fill(labels.astype(dtype), mask, 0.0), axis=-1), spec)
+    if eps:
+        mass = (1.0 - eps) * mass + eps * weight_possible / jnp.maximum(num_possible, 1.0)
+    return mass, _class_sum(gap, spec), num_possible
 
 
 def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
