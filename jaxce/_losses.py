@@ -267,7 +267,7 @@ def _capped(raw, mask, spec: Spec):
     return masked_fill(z, possible_classes(raw, mask))
 
 
-def _targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possible=None):
+def _targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possible):
     """``(u, t)``: the smoothed labels u and the weighted targets t = w * u.
 
     Soft labels are masked by the user's ``mask`` (masked entries take no part, as in optax);
@@ -279,9 +279,7 @@ def _targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possi
     else:
         u = masked_fill(labels.astype(dtype), mask, 0.0)
     eps = spec.label_smoothing
-    if eps:
-        if num_possible is None:
-            num_possible = _class_sum(jnp.sum(possible, axis=-1, dtype=dtype), spec)
+    if eps:  # K_m (num_possible) comes from the forward pass: no recount
         share = eps / jnp.maximum(num_possible, 1.0)[..., None]
         u = (1.0 - eps) * u + jnp.where(possible, share, 0.0)
     t = u if class_weights is None else u * class_weights
@@ -438,9 +436,7 @@ def _label_logit(raw, labels, mask, spec: Spec):
 def _integer_terms(raw, z, labels, mask, class_weights, label_logit, found, shift, spec: Spec):
     """``(T, sum_k t_k (c - z_k), K_m)`` for integer labels and the normaliser's shift c.
 
-    O(N) but for label smoothing (K_m is None without it).
-
-    With :math:`b = (1 - \\varepsilon) w_y` and :math:`e = \\varepsilon / K_m`:
+    O(N) but for label smoothing (K_m is None without it). With :math:`b = (1 - \\varepsilon) w_y` and :math:`e = \\varepsilon / K_m`:
     :math:`T = b + e \\sum_k w_k m_k` and the gap is
     :math:`b (c - z_y) + e \\sum_k w_k m_k (c - z_k)`; only the smoothing needs class sums.
     """
@@ -472,6 +468,7 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
     """
     dtype = compute_dtype(raw.dtype)
     eps = spec.label_smoothing
+    w = 1.0 if class_weights is None else class_weights
     num_possible = weight_possible = None
     if eps:
         num_possible, weight_possible = _count_possible(raw, mask, class_weights, spec)
@@ -484,7 +481,7 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
     def fast():
         # Every class is possible here: the smoothing's term is eps / K sum_k w_k (M - z_k),
         # a sum of its own (its targets, shared with the backward pass, would be written out).
-        z, w = softcap(raw.astype(dtype), spec), 1.0 if class_weights is None else class_weights
+        z = softcap(raw.astype(dtype), spec)
         gap = jnp.sum(w * labels.astype(dtype) * (top[..., None] - z), axis=-1)
         if not eps:
             return gap
@@ -493,7 +490,6 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
 
     exact = lambda: _in_row_blocks(exact_gap, raw, labels, mask, normalizer.shift, num_possible)
     gap = exact() if mask is not None else _unless_impossible(raw, fast, exact)
-    w = 1.0 if class_weights is None else class_weights
     mass = _class_sum(jnp.sum(w * masked_fill(labels.astype(dtype), mask, 0.0), axis=-1), spec)
     if eps:
         mass = (1.0 - eps) * mass + eps * weight_possible / jnp.maximum(num_possible, 1.0)
