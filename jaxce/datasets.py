@@ -4,6 +4,7 @@ Only the standard library's :mod:`csv` and NumPy are used, so loading data never
 pandas or scikit-learn.
 """
 
+import collections
 import csv
 import importlib.resources
 import io
@@ -15,6 +16,10 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["Dataset", "load_csv", "load_iris"]
+
+#: float32's largest finite value plus half a unit in the last place, 2**128 - 2**103:
+#: numbers at least this large round to infinity in float32, the dtype training uses.
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
 class Dataset(NamedTuple):
@@ -60,9 +65,10 @@ def load_iris() -> Dataset:
 def load_csv(path: str | os.PathLike, target: str) -> Dataset:
     """Read a CSV file with a header line: numeric feature columns plus one label column.
 
-    Every column other than ``target`` is a feature and must hold finite numbers. The
-    labels may be strings or integers; the distinct values, sorted (numerically if all are
-    integers), become ``class_names`` and are mapped to ``0 .. C-1``.
+    Every column other than ``target`` is a feature and must hold numbers that are finite
+    in ``float32`` (magnitude below about ``3.4e38``). A UTF-8 byte-order mark, as Excel
+    writes, is skipped. The labels may be strings or integers; the distinct values, sorted
+    (numerically if all are integers), become ``class_names`` and are mapped to ``0 .. C-1``.
 
     Args:
       path: the CSV file.
@@ -72,20 +78,25 @@ def load_csv(path: str | os.PathLike, target: str) -> Dataset:
       A :class:`Dataset`.
 
     Raises:
-      ValueError: with a one-line message if the file is missing or empty, the target
-        column is absent (the message lists the columns present), a feature is not a finite
-        number (the message names the column and the data row, counted from 1 after the
-        header), a row has the wrong number of fields, there is no feature column, or the
-        labels hold fewer than two classes.
+      ValueError: with a one-line message if the file is missing, empty, not UTF-8 text or
+        not parsable as CSV, two columns share a name (the message names them), the target
+        column is absent (the message lists the columns present), a feature is not a number
+        finite in ``float32`` (the message names the column and the data row, counted from 1
+        after the header), a row has the wrong number of fields, there is no feature column,
+        or the labels hold fewer than two classes.
     """
     path = os.fspath(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             return _parse(f, target=target, source=path)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a directory, not a CSV file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _parse(lines: Iterable[str], *, target: str, source: str) -> Dataset:
@@ -94,6 +105,12 @@ def _parse(lines: Iterable[str], *, target: str, source: str) -> Dataset:
     if not header:
         raise ValueError(f"{source}: empty file, expected a header line")
     header = [name.strip() for name in header]
+    duplicated = [name for name, count in collections.Counter(header).items() if count > 1]
+    if duplicated:
+        raise ValueError(
+            f"{source}: duplicate column names {', '.join(map(repr, duplicated))}; "
+            "every column needs its own name"
+        )
     if target not in header:
         raise ValueError(
             f"{source}: no target column {target!r}; columns present: {', '.join(header)}"
@@ -119,10 +136,14 @@ def _parse(lines: Iterable[str], *, target: str, source: str) -> Dataset:
                 value = float(field)
             except ValueError:
                 value = math.nan
-            if not math.isfinite(value):
+            if not abs(value) < _FLOAT32_OVERFLOW:
+                problem = (
+                    "overflows float32 (largest 3.4e38)"
+                    if math.isfinite(value)
+                    else "is not a finite number"
+                )
                 raise ValueError(
-                    f"{source}: column {header[i]!r} row {r}: "
-                    f"{field.strip()!r} is not a finite number"
+                    f"{source}: column {header[i]!r} row {r}: {field.strip()!r} {problem}"
                 )
             values.append(value)
         rows.append(values)

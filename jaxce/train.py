@@ -64,6 +64,9 @@ DEFAULT_LEARNING_RATES = {
     "adam": 0.05, "adamw": 0.05, "sgd": 0.5, "rmsprop": 0.01, "lbfgs": None, "newton-cg": 1.0,
 }  # fmt: skip
 DEFAULT_STEPS = 500
+#: Most steps :func:`fit` takes, so that its int32 step counter cannot wrap (a last chunk of
+#: the default size runs past ``steps`` by less than ``steps``).
+MAX_STEPS = 10**9
 #: Steps used when none are given and the optimizer is Newton-CG (the problem is convex).
 DEFAULT_NEWTON_STEPS = 10
 #: Newton-CG: added to the Hessian's diagonal (softmax's W, b has a flat direction) ...
@@ -73,6 +76,12 @@ NEWTON_CG_TOL, NEWTON_CG_MAXITER = 1e-5, 100
 DEFAULT_TEST_FRACTION = 0.3
 #: Test accuracy the default run (softmax regression on Iris) must reach.
 IRIS_ACCURACY_BAR = 0.93
+#: The CLI lists at most this many class names and prints the confusion matrix only up to
+#: this many classes; beyond, it gives the count and the first five names.
+MAX_LISTED_CLASSES = 20
+#: Seeds the CLI accepts are in ``[0, SEED_LIMIT)``: :func:`jax.random.key` keeps only the
+#: low 32 bits of larger ones.
+SEED_LIMIT = 2**32
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 Params = dict[str, jax.Array]
@@ -155,7 +164,9 @@ def standardize(
     """Scale each column to zero mean and unit variance.
 
     Pass the ``mean`` and ``std`` returned for the training rows when scaling test rows, so
-    no test statistic leaks into training. Constant columns get ``std = 1``.
+    no test statistic leaks into training. Constant columns get ``std = 1``. The arithmetic
+    is in float64, so features near float32's limit (``3e38``) do not overflow; rows far
+    outside the statistics' rows can still scale beyond float32 and come back as ``inf``.
 
     Returns:
       ``(scaled, mean, std)``, all ``float32``.
@@ -165,14 +176,14 @@ def standardize(
       >>> z.tolist(), mean.tolist(), std.tolist()
       ([[-1.0, 0.0], [1.0, 0.0]], [2.0, 5.0], [1.0, 1.0])
     """
-    features = np.asarray(features, dtype=np.float32)
-    if mean is None:
-        mean = features.mean(axis=0)
+    x = np.asarray(features, dtype=np.float64)
+    mean = np.asarray(x.mean(axis=0) if mean is None else mean, np.float32)
     if std is None:
-        std = features.std(axis=0)
-        std = np.where(std > 0, std, 1.0)
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-    return (features - mean) / std, mean, std
+        std = np.asarray(x.std(axis=0), np.float32)
+        std = np.where(std > 0, std, np.float32(1.0))
+    std = np.asarray(std, np.float32)
+    with np.errstate(over="ignore"):  # the inf the docstring promises
+        return ((x - mean) / std).astype(np.float32), mean, std
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -363,8 +374,8 @@ def fit(
       features: ``[n, d]`` floats (standardise them first, see :func:`standardize`).
       labels: ``[n]`` integers; ``0 .. C-1`` for softmax, ``0``/``1`` for logistic.
       model: ``"softmax"`` (``C`` = ``labels.max() + 1`` classes) or ``"logistic"``.
-      steps: number of updates; ``None`` means ``DEFAULT_STEPS``, or
-        ``DEFAULT_NEWTON_STEPS`` for Newton-CG.
+      steps: number of updates, at most ``MAX_STEPS``; ``None`` means ``DEFAULT_STEPS``,
+        or ``DEFAULT_NEWTON_STEPS`` for Newton-CG.
       learning_rate: step size; ``None`` takes ``DEFAULT_LEARNING_RATES[optimizer]``.
       optimizer: one of ``adam``, ``adamw``, ``sgd``, ``rmsprop``, ``lbfgs``,
         ``newton-cg``.
@@ -393,8 +404,8 @@ def fit(
     _check_model(model)
     if steps is None:
         steps = DEFAULT_NEWTON_STEPS if optimizer == "newton-cg" else DEFAULT_STEPS
-    if steps < 1:
-        raise ValueError(f"steps must be positive, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {steps}")
     if learning_rate is None:
         learning_rate = DEFAULT_LEARNING_RATES.get(optimizer)
     opt = _optimizer(optimizer, learning_rate, weight_decay)
@@ -563,12 +574,22 @@ def _check_args(args) -> None:
         args.steps = DEFAULT_NEWTON_STEPS if newton else DEFAULT_STEPS
     if args.steps < 1:
         raise _UsageError(f"--steps must be positive, got {args.steps}")
+    if args.steps > MAX_STEPS:
+        raise _UsageError(
+            f"--steps must be at most {MAX_STEPS} (an int32 counts them), got {args.steps}"
+        )
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise _UsageError(f"--seed must be in [0, {SEED_LIMIT}), got {args.seed}")
     if not 0.0 < args.test_fraction < 1.0:
         raise _UsageError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        raise _UsageError(f"--learning-rate must be positive, got {args.learning_rate}")
-    if not args.weight_decay >= 0:
-        raise _UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.learning_rate is not None and not 0 < args.learning_rate < math.inf:
+        raise _UsageError(
+            f"--learning-rate must be positive and finite, got {args.learning_rate}"
+        )
+    if not 0 <= args.weight_decay < math.inf:
+        raise _UsageError(f"--weight-decay must be >= 0 and finite, got {args.weight_decay}")
+    if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1:
+        raise _UsageError(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
     if (args.csv is None) != (args.target is None):
         raise _UsageError("--csv PATH and --target COLUMN go together")
     if args.positive_class is not None and args.model != "logistic":
@@ -621,13 +642,14 @@ def run(args: argparse.Namespace) -> int:
             data, source = load_csv(args.csv, args.target), args.csv
         except ValueError as e:
             raise _UsageError(str(e)) from None
+        _check_classes(data, args.target)
     class_names = data.class_names
     labels = data.labels
     if args.model == "logistic":
         positive = args.positive_class or class_names[-1]
         if positive not in class_names:
             raise _UsageError(
-                f"unknown positive class {positive!r}; classes: {', '.join(class_names)}"
+                f"unknown positive class {positive!r}; classes: {_name_list(class_names)}"
             )
         labels = (labels == class_names.index(positive)).astype(np.int32)
         class_names = (f"not {positive}", positive)
@@ -640,12 +662,13 @@ def run(args: argparse.Namespace) -> int:
         raise _UsageError(str(e)) from None
     x_train, mean, std = standardize(data.features[train])
     x_test, _, _ = standardize(data.features[test], mean=mean, std=std)
+    _check_scaled(x_test, test, data.feature_names, mean, std)
     y_train, y_test = labels[train], labels[test]
 
     learning_rate = args.learning_rate or DEFAULT_LEARNING_RATES[args.optimizer]
     kind = "softmax regression" if args.model == "softmax" else "logistic regression"
     print(f"{kind} on {source}: {len(labels)} rows, {data.features.shape[1]} features, "
-          f"classes {', '.join(class_names)}")  # fmt: skip
+          f"classes {_name_list(class_names)}")  # fmt: skip
     print(f"split {len(train)} train / {len(test)} test (stratified, seed {args.seed}); "
           "features standardised with train statistics")  # fmt: skip
     lr_text = "line search" if learning_rate is None else f"learning rate {learning_rate:g}"
@@ -663,6 +686,11 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     finally:
         progress.close()
+    if not math.isfinite(history.final_loss):
+        raise _UsageError(
+            f"training diverged to a final loss of {history.final_loss}; "
+            "lower --learning-rate or --weight-decay"
+        )
 
     train_accuracy = float(np.mean(predict(params, x_train) == y_train))
     test_accuracy = float(np.mean(predict(params, x_test) == y_test))
@@ -676,8 +704,13 @@ def run(args: argparse.Namespace) -> int:
     loss = history.final_loss
     print(f"train accuracy {train_accuracy:.3f}, test accuracy {test_accuracy:.3f}")
     print(f"final train loss {loss:.4f} nats = {loss / math.log(2):.4f} bits")
-    print("confusion matrix on the test split (rows: true class, columns: predicted):")
-    print(format_confusion_matrix(counts, class_names))
+    if len(class_names) <= MAX_LISTED_CLASSES:
+        print("confusion matrix on the test split (rows: true class, columns: predicted):")
+        print(format_confusion_matrix(counts, class_names))
+    else:
+        where = "--out DIR writes it" if args.out is None else "it is written"
+        print(f"confusion matrix on the test split: {len(class_names)} x {len(class_names)}, "
+              f"too large to print; {where} to metrics.json")  # fmt: skip
     print(f"{steps_per_second:,.0f} steps/s ({args.steps} steps in {history.run_seconds:.3f} s, "
           f"compile {history.compile_seconds:.2f} s)")  # fmt: skip
     print(f"JAX backend {jax.default_backend()}, device {device} ({device.device_kind})")
@@ -719,6 +752,41 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _name_list(names: Sequence[str]) -> str:
+    """The names joined by commas; beyond ``MAX_LISTED_CLASSES``, the first few and the count.
+
+    Examples:
+      >>> _name_list([f"c{k}" for k in range(300)])
+      'c0, c1, c2, c3, c4, ... (300 in all)'
+    """
+    if len(names) <= MAX_LISTED_CLASSES:
+        return ", ".join(names)
+    return f"{', '.join(names[:5])}, ... ({len(names)} in all)"
+
+
+def _check_classes(data: Dataset, target: str) -> None:
+    """Each class needs two rows, one per side of the split; a continuous target has one."""
+    counts = np.bincount(data.labels, minlength=len(data.class_names))
+    single = [name for name, n in zip(data.class_names, counts, strict=True) if n == 1]
+    if single:
+        raise _UsageError(
+            f"target {target!r} has {len(counts)} distinct values in {data.labels.size} rows, "
+            f"{len(single)} of them in one row only ({_name_list(single)}); "
+            "a class needs two rows, one to train on and one to test"
+        )
+
+
+def _check_scaled(scaled: np.ndarray, rows: np.ndarray, feature_names, mean, std) -> None:
+    """A row scaled with statistics it did not enter can overflow float32: name the first."""
+    bad = np.argwhere(~np.isfinite(scaled))
+    if bad.size:
+        i, j = bad[0]
+        raise _UsageError(
+            f"column {feature_names[j]!r} row {rows[i] + 1}: standardised with the training "
+            f"rows' mean {mean[j]:.3g} and std {std[j]:.3g} it overflows float32"
+        )
+
+
 def _write_outputs(out, metrics, params, mean, std, history) -> None:
     try:
         os.makedirs(out, exist_ok=True)
@@ -746,9 +814,9 @@ def _write_outputs(out, metrics, params, mean, std, history) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``jaxce-train``, ``python -m jaxce.train``).
 
-    Bad input (missing file or column, non-numeric features, a single class, unknown
-    positive class, non-positive steps, test fraction outside (0, 1), ...) prints one line
-    on stderr and returns 2.
+    Bad input (missing file or column, duplicate column names, features not finite in
+    float32, a single class or a class with a single row, unknown positive class, a flag out
+    of range, training that diverges, ...) prints one line on stderr and returns 2.
     """
     try:
         return run(_parser().parse_args(argv))

@@ -54,6 +54,11 @@ def test_load_csv_integer_labels_sorted_numerically(tmp_path):
         ("a,b,target\n1,2,x\n3,nan,y\n", "column 'b' row 2: 'nan' is not a finite number"),
         ("a,b,target\n1,,x\n3,4,y\n", "column 'b' row 1: '' is not a finite number"),
         ("a,b,target\n1,inf,x\n3,4,y\n", "column 'b' row 1: 'inf' is not a finite number"),
+        # Finite in float64, infinite in the float32 that training uses.
+        ("a,b,target\n1,2,x\n3,1e39,y\n", "column 'b' row 2: '1e39' overflows float32"),
+        ("a,target\n-3.4028236e38,x\n3,y\n", "column 'a' row 1: '-3.4028236e38' overflows"),
+        ("a,target,b,target\n1,x,2,y\n", "duplicate column names 'target'"),
+        ("a,b,a,target,b\n1,2,3,x,4\n", "duplicate column names 'a', 'b'; every column"),
         ("a,target\n1,x\n2,x\n", "target column 'target' has only one class ('x')"),
         ("a,target\n1,x\n2,y,3\n", "row 2 has 3 fields, the header has 2"),
         ("", "empty file"),
@@ -67,6 +72,38 @@ def test_load_csv_errors(tmp_path, text, message):
         load_csv(path, "target")
     assert message in str(info.value)
     assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_load_csv_float32_limit_is_accepted(tmp_path):
+    # float32's largest value as NumPy prints it: float64 reads it a little above, and the
+    # float32 rounding brings it back; one digit more is beyond and rounds to inf.
+    data = load_csv(_write(tmp_path, "a,target\n3.4028235e38,x\n-3.4028235e38,y\n"), "target")
+    top = np.finfo(np.float32).max
+    np.testing.assert_array_equal(data.features[:, 0], [top, -top])
+
+
+def test_load_csv_skips_utf8_byte_order_mark(tmp_path):
+    # Excel's "CSV UTF-8" export starts with a byte-order mark.
+    path = tmp_path / "excel.csv"
+    path.write_bytes("y,a\nx,1\nz,2\n".encode("utf-8-sig"))
+    data = load_csv(path, "y")
+    assert data.feature_names == ("a",) and data.class_names == ("x", "z")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("y,a\nx,1\n".encode("utf-16"), "not UTF-8 text (invalid start byte)"),
+        (b"a,y\n" + b"1" * 200_000 + b",x\n", "field larger than field limit"),
+    ],
+)
+def test_load_csv_undecodable_files(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_csv(path, "y")
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
     assert "\n" not in str(info.value)
 
 

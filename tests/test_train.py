@@ -144,6 +144,10 @@ BAD_CSV = {
     "text": "a,label\n1,x\nhello,y\n",
     "nan": "a,label\n1,x\nNaN,y\n",
     "one_class": "a,label\n1,x\n2,x\n",
+    "float32": "a,label\n1,x\n1e39,y\n",
+    "duplicate": "a,label,label\n1,x,y\n2,y,x\n",
+    "continuous": "a,label\n1,0.5\n2,1.5\n3,2.5\n",
+    "singleton": "a,label\n1,x\n2,x\n3,y\n4,y\n5,z\n",
 }
 
 
@@ -155,12 +159,33 @@ BAD_CSV = {
         (["--csv", "{text}", "--target", "label"], "column 'a' row 2: 'hello' is not a finite"),
         (["--csv", "{nan}", "--target", "label"], "column 'a' row 2: 'NaN' is not a finite"),
         (["--csv", "{one_class}", "--target", "label"], "has only one class ('x')"),
+        (["--csv", "{float32}", "--target", "label"], "column 'a' row 2: '1e39' overflows float32"),
+        (["--csv", "{duplicate}", "--target", "label"], "duplicate column names 'label'"),
+        (
+            ["--csv", "{continuous}", "--target", "label"],
+            "target 'label' has 3 distinct values in 3 rows, 3 of them in one row only "
+            "(0.5, 1.5, 2.5); a class needs two rows",
+        ),
+        (
+            ["--csv", "{singleton}", "--target", "label"],
+            "target 'label' has 3 distinct values in 5 rows, 1 of them in one row only (z)",
+        ),
         (
             ["--model", "logistic", "--positive-class", "rose"],
             "unknown positive class 'rose'; classes: setosa, versicolor, virginica",
         ),
         (["--steps", "0"], "--steps must be positive, got 0"),
         (["--steps", "-5"], "--steps must be positive, got -5"),
+        (["--steps", "1000000000000"], "--steps must be at most 1000000000 (an int32 counts"),
+        (["--seed", "18446744073709551616"], "--seed must be in [0, 4294967296), got 1844"),
+        (["--seed", "4294967296"], "--seed must be in [0, 4294967296), got 4294967296"),
+        (["--seed", "-1"], "--seed must be in [0, 4294967296), got -1"),
+        (["--learning-rate", "inf"], "--learning-rate must be positive and finite, got inf"),
+        (["--learning-rate", "nan"], "--learning-rate must be positive and finite, got nan"),
+        (["--weight-decay", "inf"], "--weight-decay must be >= 0 and finite, got inf"),
+        (["--weight-decay", "nan"], "--weight-decay must be >= 0 and finite, got nan"),
+        (["--min-accuracy", "nan"], "--min-accuracy must be in [0, 1], got nan"),
+        (["--min-accuracy", "1.5"], "--min-accuracy must be in [0, 1], got 1.5"),
         (["--test-fraction", "0"], "--test-fraction must be in (0, 1), got 0.0"),
         (["--test-fraction", "1.5"], "--test-fraction must be in (0, 1), got 1.5"),
         (["--csv", "{text}"], "--csv PATH and --target COLUMN go together"),
@@ -182,6 +207,98 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, message):
     assert err.count("\n") == 1 and err.startswith("jaxce-train: error: ")
     assert message in err
     assert "Traceback" not in err
+
+
+def _assert_one_line_error(err, message):
+    assert err.count("\n") == 1 and err.startswith("jaxce-train: error: "), err
+    assert message in err
+
+
+def test_features_near_float32_limit_train_finite(tmp_path, capsys):
+    # Values of +-3e38 overflowed float32 sums in standardize: the loss was nan, exit 0.
+    rows = [f"{3e38 if k % 2 else -3e38},{k % 2},{k}" for k in range(40)]
+    (tmp_path / "big.csv").write_text("a,label,b\n" + "\n".join(rows) + "\n")
+    argv = ["--csv", str(tmp_path / "big.csv"), "--target", "label", "--steps", "20"]
+    status = train.main([*argv, "--no-progress", "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert status == 0, out + err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert np.all(np.isfinite(metrics["history"]["loss"] + metrics["history"]["eval_loss"]))
+    assert metrics["final_loss_nats"] < np.log(2)  # column a separates the classes
+    assert metrics["test_accuracy"] == 1.0
+
+
+def test_standardize_near_float32_limit():
+    top = np.finfo(np.float32).max
+    z, mean, std = train.standardize(np.array([[top, 1.0], [-top, 1.0]], np.float32))
+    np.testing.assert_array_equal(z, [[1.0, 0.0], [-1.0, 0.0]])
+    np.testing.assert_array_equal(mean, [0.0, 1.0])
+    np.testing.assert_array_equal(std, [top, 1.0])
+    assert z.dtype == mean.dtype == std.dtype == np.float32
+
+
+def test_test_row_overflowing_float32_after_scaling(tmp_path, capsys):
+    # Training rows with a tiny spread scale a large test value beyond float32.
+    labels = np.arange(20) % 2
+    _, test = train.split_stratified(labels, test_fraction=0.3, seed=0)
+    a = np.where(np.arange(20) % 4 < 2, 0.0, 1e-30)
+    a[test[2]] = 1e10
+    rows = [f"{x:g},{y}" for x, y in zip(a, labels, strict=True)]
+    (tmp_path / "far.csv").write_text("a,label\n" + "\n".join(rows) + "\n")
+    status = train.main(["--csv", str(tmp_path / "far.csv"), "--target", "label"])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    _assert_one_line_error(err, f"column 'a' row {test[2] + 1}: standardised with the training")
+    assert "overflows float32" in err
+
+
+def test_diverging_training_exit_2(capsys):
+    argv = ["--optimizer", "sgd", "--weight-decay", "1e30", "--steps", "5", "--no-progress"]
+    status = train.main(argv)
+    out, err = capsys.readouterr()
+    assert status == 2
+    _assert_one_line_error(err, "training diverged to a final loss of nan; lower --learning-rate")
+    assert "test accuracy" not in out
+
+
+def test_largest_seed_and_fit_step_bound(capsys):
+    argv = ["--seed", str(2**32 - 1), "--steps", "5", "--min-accuracy", "0", "--no-progress"]
+    assert train.main(argv) == 0
+    assert "seed 4294967295" in capsys.readouterr().out
+    x, y = np.zeros((2, 1), np.float32), np.array([0, 1])
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 1000000000\], got 1000000001"):
+        train.fit(x, y, steps=train.MAX_STEPS + 1)
+
+
+def test_csv_with_byte_order_mark(tmp_path, capsys):
+    # Excel's "CSV UTF-8" starts with a byte-order mark, which hid the first column's name.
+    rows = [f"{'x' if k % 2 else 'z'},{k % 2 + 0.1 * k}" for k in range(20)]
+    (tmp_path / "excel.csv").write_bytes(("y,a\n" + "\n".join(rows)).encode("utf-8-sig"))
+    argv = ["--csv", str(tmp_path / "excel.csv"), "--target", "y", "--steps", "5"]
+    status = train.main([*argv, "--min-accuracy", "0", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "20 rows, 1 features, classes x, z" in out
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_many_classes_summarised(tmp_path, capsys, write):
+    # 300 classes printed every name on one line and a 300 x 300 table (half a megabyte).
+    rows = [f"{k % 7},{k % 5},c{k % 300:03d}" for k in range(900)]
+    (tmp_path / "many.csv").write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    out_dir = tmp_path / "out"
+    argv = ["--csv", str(tmp_path / "many.csv"), "--target", "label", "--steps", "2"]
+    argv += ["--no-progress"] + (["--out", str(out_dir)] if write else [])
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "classes c000, c001, c002, c003, c004, ... (300 in all)\n" in out
+    where = "it is written" if write else "--out DIR writes it"
+    table = f"confusion matrix on the test split: 300 x 300, too large to print; {where}"
+    assert f"{table} to metrics.json\n" in out
+    assert len(out) < 1500 and "c005" not in out
+    if write:
+        counts = np.array(json.loads((out_dir / "metrics.json").read_text())["confusion_matrix"])
+        assert counts.shape == (300, 300) and counts.sum() == 300
 
 
 def test_end_to_end_subprocess_on_csv(tmp_path):
