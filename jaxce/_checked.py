@@ -25,12 +25,14 @@ import contextlib
 import contextvars
 import functools
 import math
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import checkify
 
 from ._validation import broadcast_mask, canonical_axes
@@ -98,6 +100,55 @@ def is_active() -> bool:
     return _settings() is not None
 
 
+def _kept_effects():
+    """JAX's registry of effects that partial evaluation keeps, and checkify's effect type.
+
+    ``None`` if JAX keeps checks already, or lacks this private API (like
+    :func:`_jit_key_state`'s): then there is nothing to register.
+    """
+    try:
+        from jax._src import effects
+        from jax._src.checkify import ErrorEffect
+
+        kept = effects.partial_eval_kept_effects
+        return None if ErrorEffect in kept._effect_types else (kept, ErrorEffect)
+    except Exception:  # pragma: no cover - depends on JAX's private API
+        return None
+
+
+_KEPT = _kept_effects()
+_KEEP_LOCK = threading.Lock()
+_tracing = 0  # checked traces running now, in any thread
+
+
+@contextlib.contextmanager
+def _checks_survive_partial_eval():
+    """While :func:`checked` traces: JAX's partial evaluation keeps check equations.
+
+    Reverse-mode AD of a ``lax.scan`` (and of a ``fori_loop``, a scan once its bounds are
+    static) partially evaluates the loop body to hoist its loop-invariant work, and that pass
+    drops every equation whose outputs nothing uses unless its effect type is registered in
+    ``partial_eval_kept_effects`` (as debug callbacks are). Checkify's ``ErrorEffect`` is not,
+    and a check has no outputs: ``checked(jax.grad(lambda z: lax.scan(...)))`` caught nothing.
+    The registration lasts while a checked trace runs, so JAX behaves as before elsewhere.
+    """
+    global _tracing
+    if _KEPT is None:  # pragma: no cover - depends on the JAX version
+        yield
+        return
+    kept, effect_type = _KEPT
+    with _KEEP_LOCK:
+        _tracing += 1
+        kept.add_type(effect_type)
+    try:
+        yield
+    finally:
+        with _KEEP_LOCK:
+            _tracing -= 1
+            if not _tracing:
+                kept._effect_types.discard(effect_type)
+
+
 # ----------------------------------------------------------------------------------------------
 # Hooks called by the public functions. Each returns at once unless checked mode is on.
 
@@ -120,18 +171,71 @@ def _index_template(name: str, ndim: int, prefix: str, skip: tuple[int, ...] = (
     return f"{_escape(name)}[{', '.join(parts)}]"
 
 
-def _report(bad: jax.Array, at: str, message: str, x: jax.Array | None = None, **fields) -> None:
+def _shards(
+    ndim: int, axes: tuple[int, ...], class_axis_name: Any = None, batch_axis_name: Any = None
+) -> dict[int, Any]:
+    """The dims split over mesh axes inside ``shard_map``, as :func:`_report` takes them.
+
+    The leading class axis (of ``axes``) is split over ``class_axis_name``, the leading other
+    dim (the batch's) over ``batch_axis_name``; ``None`` splits nothing.
+    """
+    split = {}
+    rest = [d for d in range(ndim) if d not in axes]
+    if class_axis_name is not None and axes:
+        split[min(axes)] = class_axis_name
+    if batch_axis_name is not None and rest:
+        split[rest[0]] = batch_axis_name
+    return split
+
+
+def _global_index(index: tuple, shape: tuple[int, ...], split: Mapping[int, Any]) -> tuple:
+    """A shard's index in the global array: dim ``d``, split over mesh axis ``split[d]`` in
+    contiguous slices in device order, is offset by the shard's position times its size."""
+    return tuple(
+        i + lax.axis_index(split[d]) * shape[d] if d in split else i for d, i in enumerate(index)
+    )
+
+
+def _report(
+    bad: jax.Array,
+    at: str,
+    message: str,
+    x: jax.Array | None = None,
+    split: Mapping[int, Any] | None = None,
+    **fields,
+) -> None:
     """Emit one check: fails if any of ``bad``; names the first True (C order) of it.
 
     ``at`` is an index template (:func:`_index_template` with prefix ``i``) of ``bad``'s
     dims; ``{value}`` in ``message`` is the element of ``x`` (same shape as ``bad``) there.
+    ``split`` maps the dims of ``bad`` that are a shard of a global array (inside
+    ``shard_map``) to their mesh axes (see :func:`_shards`): the index named is the global one.
     """
     pos = jnp.argmax(bad.reshape(-1))
     index = jnp.unravel_index(pos, bad.shape) if bad.ndim else ()
+    index = _global_index(index, bad.shape, split or {})
     fields.update({f"i{k}": i for k, i in enumerate(index)})
     if x is not None:
         fields["value"] = x.reshape(-1)[pos]
     checkify.check(~jnp.any(bad), "jaxce.checked: " + at + message, **fields)
+
+
+def _labels_out_of_range(labels: jax.Array, k: int, ignore_index: int | None) -> jax.Array:
+    """``labels`` outside ``[0, k)`` that are not ``ignore_index``, exact in every integer dtype.
+
+    A bound the labels' dtype cannot hold is settled here, in Python, never converted into
+    that dtype, where it would wrap (256 is 0 in uint8, -100 is 156): no uint8 label is
+    ``>= 256``, and an ``ignore_index`` outside the dtype's range matches no label.
+    """
+    info = jnp.iinfo(labels.dtype)
+    bad = jnp.zeros(labels.shape, bool)
+    if info.min < 0:
+        bad = bad | (labels < 0)
+    if k <= info.max:
+        bad = bad | (labels >= jnp.asarray(k, labels.dtype))
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+        bad = bad & (labels != jnp.asarray(ignore_index, labels.dtype))
+    return bad
 
 
 def check_labels(
@@ -140,13 +244,17 @@ def check_labels(
     *,
     ignore_index: int | None = None,
     class_axis_name: Any = None,
+    batch_axis_name: Any = None,
     name: str = "labels",
 ) -> None:
     """In checked mode: every integer label is in ``[0, num_classes)`` or is ``ignore_index``.
 
     ``num_classes`` is the number of classes the labels index. With ``class_axis_name`` (the
     class axis split over a mesh axis inside ``shard_map``) pass the local count: it is
-    multiplied by the axis size here, so the range checked is the global ``[0, K)``.
+    multiplied by the axis size here, so the range checked is the global ``[0, K)``. With
+    ``batch_axis_name`` (the labels' leading axis split over that mesh axis, in contiguous
+    slices in device order) the index named is the global one. The comparisons are exact in
+    every integer dtype (uint8 labels with ``K = 256``, ``ignore_index=-100`` with uint8).
 
     Message: ``labels[3] = 7 is outside [0, 5) (ignore_index=None)``.
     """
@@ -156,11 +264,10 @@ def check_labels(
     k = num_classes
     if class_axis_name is not None:
         k = num_classes * jax.lax.axis_size(class_axis_name)
-    bad = (labels < 0) | (labels >= k)
-    if ignore_index is not None:
-        bad = bad & (labels != ignore_index)
+    bad = _labels_out_of_range(labels, k, ignore_index)
     at = _index_template(name, labels.ndim, "i")
-    _report(bad, at, f" = {{value}} is outside [0, {k}) (ignore_index={ignore_index!r})", labels)
+    message = f" = {{value}} is outside [0, {k}) (ignore_index={ignore_index!r})"
+    _report(bad, at, message, labels, _shards(labels.ndim, (), None, batch_axis_name))
 
 
 def check_finite(
@@ -170,25 +277,33 @@ def check_finite(
     *,
     where: jax.Array | None = None,
     allow_neg_inf: bool = True,
+    class_axis_name: Any = None,
+    batch_axis_name: Any = None,
 ) -> None:
     r"""In checked mode: no element of ``x`` is NaN or :math:`+\infty` (nor :math:`-\infty`
     unless ``allow_neg_inf``: a :math:`-\infty` logit is an impossible class, which is valid).
 
     ``where`` is the function's mask (raw or broadcast; ``axis`` says how a mask of the batch
-    shape broadcasts): masked elements are not checked.
+    shape broadcasts): masked elements are not checked. Inside ``shard_map``, with
+    ``class_axis_name`` (the leading axis of ``axis`` split over that mesh axis) and
+    ``batch_axis_name`` (the leading other dim split over it), the index named is the global
+    one.
 
     Message: ``logits[0, 2] is nan (NaN and +inf are not allowed)``.
     """
     if _settings() is None:
         return
     x = jnp.asarray(x)
+    axes = canonical_axes(axis, x.ndim)
     bad = jnp.isnan(x) | (x == jnp.inf)
     if not allow_neg_inf:
         bad = bad | (x == -jnp.inf)
     if where is not None:
-        bad = bad & broadcast_mask(where, x.shape, canonical_axes(axis, x.ndim))
+        bad = bad & broadcast_mask(where, x.shape, axes)
     allowed = "NaN and +inf are" if allow_neg_inf else "NaN and +-inf are"
-    _report(bad, _index_template(name, x.ndim, "i"), f" is {{value}} ({allowed} not allowed)", x)
+    at = _index_template(name, x.ndim, "i")
+    split = _shards(x.ndim, axes, class_axis_name, batch_axis_name)
+    _report(bad, at, f" is {{value}} ({allowed} not allowed)", x, split)
 
 
 def check_unit_interval(name: str, x: jax.Array, *, where: jax.Array | None = None) -> None:
@@ -219,6 +334,8 @@ def check_distribution(
     where: jax.Array | None = None,
     log: bool = False,
     dtype=None,
+    class_axis_name: Any = None,
+    batch_axis_name: Any = None,
 ) -> None:
     r"""In checked mode: ``p`` holds distributions along ``axis``.
 
@@ -229,7 +346,10 @@ def check_distribution(
     The tolerance is :func:`checked`'s ``tolerance``, by default :func:`default_tolerance` of
     ``dtype``: the dtype the caller received ``p`` in (``p``'s own dtype if ``None``; pass it
     when ``p`` was already upcast, or bf16 labels would be held to float32's tolerance).
-    ``where`` is the function's mask (raw or broadcast).
+    ``where`` is the function's mask (raw or broadcast). Inside ``shard_map``, with
+    ``class_axis_name`` (the leading axis of ``axis`` split over that mesh axis) the sums are
+    taken over the whole distribution, and with it and ``batch_axis_name`` (the leading other
+    dim split over that mesh axis) the index named is the global one.
 
     Messages: ``labels[1, 2] = -0.1 is negative``, ``labels[1, :] sums to 0.8, not 1
     (tolerance 0.001)``, ``log_probs[0, :] exp-sums to 2, not 1 (tolerance 0.001)``.
@@ -245,22 +365,26 @@ def check_distribution(
     if tol is None:
         tol = default_tolerance(p.dtype if dtype is None else dtype)
     at = _index_template(name, p.ndim, "i")
+    split = _shards(p.ndim, axes, class_axis_name, batch_axis_name)
     bad = keep & (jnp.isnan(p) | (p == jnp.inf))
     if not log:
         bad = bad | (keep & (p == -jnp.inf))
-    _report(bad, at, f" is {{value}} (not a {'log-' if log else ''}probability)", p)
+    _report(bad, at, f" is {{value}} (not a {'log-' if log else ''}probability)", p, split)
     x = p.astype(jnp.promote_types(p.dtype, jnp.float32))
     if log:
         total = jnp.sum(jnp.where(keep, jnp.exp(jnp.where(keep, x, -jnp.inf)), 0.0), axis=axes)
         verb = "exp-sums"
     else:
-        _report(keep & (p < 0), at, " = {value:.6g} is negative", p)
+        _report(keep & (p < 0), at, " = {value:.6g} is negative", p, split)
         total = jnp.sum(jnp.where(keep, x, 0.0), axis=axes)
         verb = "sums"
-    bad_rows = jnp.any(keep, axis=axes) & ~(jnp.abs(total - 1.0) <= tol)  # a NaN sum fails
+    held = jnp.sum(keep, axis=axes, dtype=jnp.int32)
+    if class_axis_name is not None:
+        total, held = lax.psum((total, held), class_axis_name)
+    bad_rows = (held > 0) & ~(jnp.abs(total - 1.0) <= tol)  # a NaN sum fails
     row = _index_template(name, p.ndim, "i", skip=axes)
     message = f" {verb} to {{value:.6g}}, not 1 (tolerance {tol:g})"
-    _report(bad_rows, row, message, total)
+    _report(bad_rows, row, message, total, _shards(bad_rows.ndim, (), None, batch_axis_name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,13 +415,18 @@ def checked(
     - soft labels and probabilities are finite, non-negative and sum to 1 along the class axis
       within ``tolerance`` (log-probabilities: exp-sum to 1);
     - logits and log-probabilities are not NaN or :math:`+\infty` (:math:`-\infty`, an
-      impossible class, is allowed).
+      impossible class, is allowed); so is the bias of
+      :func:`~jaxce.linear_softmax_cross_entropy`, whose ``x`` and ``w`` hold no
+      :math:`\pm\infty` either.
 
     Masked classes and examples whose classes are all masked are not checked. The first
     failing check (in program order, then the first element in C order) raises
     :class:`CheckError`, a ``ValueError``, naming the array, the index and the value, e.g.
     ``jaxce.checked: labels[3] = 7 is outside [0, 5) (ignore_index=None)``. Indices refer to
-    the array the jaxce function received; under ``jax.vmap`` they are within one example.
+    the array the jaxce function received: under ``jax.vmap`` they are within one example,
+    under ``lax.scan`` or ``lax.fori_loop`` within one step. Inside ``shard_map``, the arrays
+    split over ``class_axis_name`` and ``batch_axis_name`` are named by their global index
+    (the message ends with the failing device's mapped instance).
 
     Without the wrapper the functions carry no checks: nothing is added to their jaxprs.
 
@@ -325,7 +454,9 @@ def checked(
     Note:
       With ``class_axis_name`` (classes split over a mesh axis) the label range checked is
       the global one, ``K_local`` times the axis size. Checks cost a pass over the inputs
-      and, for a jitted ``fn``, a second compilation: a debugging mode.
+      and, for a jitted ``fn``, a second compilation: a debugging mode. While the wrapper
+      traces ``fn``, JAX's partial evaluation keeps checks (as it keeps debug callbacks), or
+      reverse-mode AD of a loop (gradient accumulation in ``lax.scan``) would drop them.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxce
@@ -369,7 +500,7 @@ def checked(
             a, k = jax.tree.unflatten(treedef, merged)
             return target(*a, **k)
 
-        with _active(settings):
+        with _active(settings), _checks_survive_partial_eval():
             err, out = checkify.checkify(inner, errors=errors)(dynamic)
         try:
             exc = err.get_exception()
@@ -384,7 +515,7 @@ def checked(
 
 def _message(exc) -> str:
     """The failed check's own message (without checkify's suffix)."""
-    mapping = getattr(exc, "error_mapping", None)  # from inside shard_map / pmap / vmap
+    mapping = getattr(exc, "error_mapping", None)  # from inside shard_map / pmap
     if mapping:
         index, first = min(mapping.items())
         return f"{_message(first)} (in mapped instance {', '.join(map(str, index))})"

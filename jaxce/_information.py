@@ -3,6 +3,8 @@ r"""Information measures: surprisal, entropy, cross-entropy and KL divergence.
 Conventions (REFERENCE.md section 2): :math:`0 \log 0 = 0` in the value and in the gradient
 (a term whose weight is 0 is constant 0), and :math:`p > 0` where :math:`q = 0` gives
 :math:`+\infty`. ``base`` picks the unit: ``None`` nats, ``2`` bits, ``10`` hartleys.
+Entries masked by ``where`` take no part whatever they hold (NaN, inf): their gradient is 0.
+A sum over no outcomes (a class axis of size 0, or a fully masked slice) is 0.
 """
 
 from collections.abc import Sequence
@@ -45,7 +47,11 @@ def _distributions(axis, where, probabilities=True, **arrays):
         raise ValueError(f"shapes do not broadcast: {shapes}") from None
     dtype = compute_dtype(jnp.result_type(*arrays.values()))
     _, _, mask, axes = prepare(jnp.zeros(shape, dtype), axis, where)
-    out = [jnp.broadcast_to(a.astype(dtype), shape) for a in arrays.values()]
+    # Masked entries are 0 before any arithmetic (the double where): whatever they hold (NaN,
+    # inf, a negative number) reaches neither the value nor the gradient.
+    out = [
+        masked_fill(jnp.broadcast_to(a.astype(dtype), shape), mask, 0.0) for a in arrays.values()
+    ]
     for name, a, given in zip(arrays, out, arrays.values()):
         if probabilities:
             check_distribution(name, a, axes, where=mask, dtype=given.dtype)
@@ -93,8 +99,8 @@ def entropy(
       0.8018186 1.1567796 0.34822536
     """
     scale = log_base(base)
-    (p,), mask, axes = _distributions(axis, where, p=p)
-    return -jnp.sum(masked_fill(xlogy(p, p), mask, 0.0), axis=axes) / scale
+    (p,), _, axes = _distributions(axis, where, p=p)
+    return -jnp.sum(xlogy(p, p), axis=axes) / scale
 
 
 def cross_entropy(
@@ -114,8 +120,8 @@ def cross_entropy(
       0.15490197
     """
     scale = log_base(base)
-    (p, q), mask, axes = _distributions(axis, where, p=p, q=q)
-    return -jnp.sum(masked_fill(xlogy(p, q), mask, 0.0), axis=axes) / scale
+    (p, q), _, axes = _distributions(axis, where, p=p, q=q)
+    return -jnp.sum(xlogy(p, q), axis=axes) / scale
 
 
 def kl_divergence(
@@ -138,8 +144,8 @@ def kl_divergence(
       0.7369656
     """
     scale = log_base(base)
-    (p, q), mask, axes = _distributions(axis, where, p=p, q=q)
-    return jnp.sum(masked_fill(xlogy(p, p) - xlogy(p, q), mask, 0.0), axis=axes) / scale
+    (p, q), _, axes = _distributions(axis, where, p=p, q=q)
+    return jnp.sum(xlogy(p, p) - xlogy(p, q), axis=axes) / scale
 
 
 def softmax_entropy(

@@ -23,8 +23,9 @@ the gradient in the same pass: :math:`p = e^{z - \ell}` needs each row's final l
 
 The temporaries of a block are a few ``block_size x V`` float32 arrays; the default
 ``block_size`` keeps them near :data:`BLOCK_BYTES` whatever V is, so the scratch memory stays
-flat in V. A batch that is not a multiple of ``block_size`` gets one smaller last block: nothing
-is padded or copied, ``w`` least of all.
+flat in V and in N. When ``block_size`` does not divide N, the last block ends at row N and
+overlaps the one before; the overlapped rows' per-example outputs are recomputed (the same
+values) and their gradients are counted once: nothing is padded or copied, ``w`` least of all.
 """
 
 import functools
@@ -36,17 +37,22 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
+from ._checked import check_finite, check_labels
 from ._losses import (
     Normalizer,
     Options,
+    check_varying,
     check_weights,
     counted_rows,
     finish,
+    integer_labels,
     make_options,
     row_cotangents,
     row_stats,
+    vary_over,
+    varying_axes,
 )
-from ._validation import check_floating, check_integer, check_shape, compute_dtype
+from ._validation import check_floating, check_shape, compute_dtype, static_int, static_number
 
 BLOCK_BYTES = 32 * 2**20
 """The default ``block_size`` aims at about this many bytes of float32 ``block_size x V``
@@ -69,7 +75,8 @@ _TEMPS_PER_ROW = 1  # float32 [block, V] arrays XLA:CPU keeps alive at once, rou
 def default_block_size(num_rows: int, num_classes: int) -> int:
     """Rows per block: a power of two (>= 8) with about :data:`BLOCK_BYTES` of temporaries.
 
-    A power of two divides typical batch sizes, so no ragged last block adds its own buffers.
+    A power of two divides typical batch sizes: no rows are recomputed in an overlapping last
+    block.
     """
     budget = BLOCK_BYTES // (4 * _TEMPS_PER_ROW * max(num_classes, 1))
     rows = 8
@@ -139,24 +146,9 @@ def _filtered_products(dxb, dw, xb, w, dz, floor, dtype):
         return lax.cond(keep, work, lambda carry: carry, carry)
 
     # Inside shard_map both branches must vary over the same mesh axes: those of the products.
-    axes = _varying(dz) | _varying(xb) | _varying(w)
-    dxb, dw = (None if a is None else _vary(a, axes - _varying(a)) for a in (dxb, dw))
+    axes = varying_axes(dz) | varying_axes(xb) | varying_axes(w)
+    dxb, dw = (None if a is None else vary_over(a, axes - varying_axes(a)) for a in (dxb, dw))
     return _blocks(num_classes, cols, add, (dxb, dw))
-
-
-def _varying(a) -> frozenset:
-    """The manual mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)  # jax >= 0.9 names it aval.mat.varying, earlier aval.vma
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
-def _vary(a, axes):
-    if not axes:
-        return a
-    if hasattr(lax, "pcast"):
-        return lax.pcast(a, tuple(axes), to="varying")
-    return lax.pvary(a, tuple(axes))  # jax < 0.9
 
 
 def _blocks(total, size, fn, carry):
@@ -173,6 +165,53 @@ def _blocks(total, size, fn, carry):
     if rest:
         carry = fn(full * size, rest, carry)
     return carry
+
+
+def _row_blocks(total, size, fn, carry):
+    """``fn(start, skip, carry)`` over the rows ``[0, total)`` in blocks of the static ``size``.
+
+    ``0 < size <= total``. The last block starts at ``total - size``: a ragged batch re-reads the
+    last ``skip`` rows of the block before it, and ``fn`` must count the first ``skip`` rows of
+    its block (0 but in the last block) in no accumulation.
+
+    Every block runs inside the one loop. The logits of a block outside it (a smaller ragged
+    one after it, or a first one before it) depend on nothing in the loop, so XLA may compute
+    them while the loop's buffers (or an earlier sweep's) are live, in buffers of their own:
+    the scratch doubles. XLA unrolls a loop of one step, so "a first block, then a loop over
+    the others" doubles it for two blocks too.
+    """
+    count = -(-total // size)
+    if count == 1:
+        return fn(0, 0, carry)
+
+    def step(i, carry):
+        start = jnp.minimum(i * size, total - size)
+        return fn(start, i * size - start, carry)
+
+    return lax.fori_loop(0, count, step, _varying_like(lambda c: fn(0, 0, c), carry))
+
+
+def _varying_like(fn, carry):
+    """``carry`` cast to vary over the mesh axes that ``fn(carry)`` varies over.
+
+    Inside ``shard_map`` a loop's carry must keep its varying axes, but zeros vary over none
+    and a block's sums over those of their inputs. ``fn`` is only traced (abstractly).
+    """
+    axes = []
+
+    def probe(c):
+        out = fn(c)
+        axes.append(jax.tree.map(varying_axes, out))
+        return out
+
+    jax.eval_shape(probe, carry)
+    return jax.tree.map(lambda a, ax: vary_over(a, ax - varying_axes(a)), carry, axes[0])
+
+
+def _add_rows(dx, dxb, start):
+    """``dx[start:start + len(dxb)] += dxb`` in place: the zero rows of an overlap add nothing."""
+    rows = lax.dynamic_slice_in_dim(dx, start, dxb.shape[0]) + dxb.astype(dx.dtype)
+    return lax.dynamic_update_slice_in_dim(dx, rows, start, 0)
 
 
 def _sweep(
@@ -197,7 +236,9 @@ def _sweep(
     grads_on = g_loss is not None
     compute_stats = stats is None
 
-    def body(start, size, carry):
+    size = min(block, n)
+
+    def body(start, skip, carry):
         rows, acc = carry
         xb = lax.dynamic_slice_in_dim(x, start, size)
         yb = lax.dynamic_slice_in_dim(labels, start, size)
@@ -212,25 +253,30 @@ def _sweep(
                 lambda r: lax.dynamic_slice_in_dim(r, start, size), stats
             )
         if grads_on:
+            # The rows a previous block already counted get cotangent 0: dz, and with it their
+            # share of dx, dw, dbias and dclass_weights, is 0 (as for an ignored row).
+            fresh = lax.broadcasted_iota(jnp.int32, (size,), 0) >= skip
             gb = lax.dynamic_slice_in_dim(g_loss, start, size)
             glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, size)
+            gb, glb = jnp.where(fresh, gb, 0.0), jnp.where(fresh, glb, 0.0)
             dz, _, dcw = row_cotangents(
                 z, yb, mask, class_weights, norm, mass, count, gb, glb, spec
             )
             dx, dw, db, dcw_acc = acc
             dzl = dz.astype(w.dtype)  # the matmuls run in the inputs' dtype, accumulate in f32
             if gradient_filter is not None and (want_dx or want_dw):
-                floor = gradient_filter * (jnp.abs(gb) + jnp.abs(glb))
+                # An infinite floor: the rows already counted keep no slab.
+                floor = jnp.where(fresh, gradient_filter * (jnp.abs(gb) + jnp.abs(glb)), jnp.inf)
                 dxb = jnp.zeros((size, x.shape[1]), dtype) if want_dx else None
                 dxb, dw = _filtered_products(dxb, dw, xb, w, dz, floor, dtype)
                 if want_dx:
-                    dx = lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), start, 0)
+                    dx = _add_rows(dx, dxb, start)
             else:
                 if want_dx:
                     dxb = lax.dot_general(
                         dzl, w, (((1,), (1,)), ((), ())), preferred_element_type=dtype
                     )
-                    dx = lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), start, 0)
+                    dx = _add_rows(dx, dxb, start)
                 if want_dw:
                     dw = _add_outer(dw, xb, dzl, dtype)
             if want_db:
@@ -254,7 +300,8 @@ def _sweep(
             jnp.zeros((num_classes,), dtype) if want_db else None,
             None if class_weights is None else jnp.zeros_like(class_weights),
         )
-    rows, acc = _blocks(n, block, body, (rows, acc))
+    if n:
+        rows, acc = _row_blocks(n, size, body, (rows, acc))
     if compute_stats:
         loss, shift, log_sum, mass, count, correct = rows
         rows = (loss, Normalizer(shift, log_sum), mass, count, correct)
@@ -522,9 +569,8 @@ def linear_softmax_cross_entropy(
         )
     num_classes = w.shape[1]
     batch_shape = x.shape[:-1]
-    labels = jnp.asarray(labels)
-    check_integer("labels", labels)
-    check_shape("labels", labels, batch_shape, "x's batch shape")
+    ids, ignored = integer_labels(labels, batch_shape, "x's batch shape", opts.ignore_index)
+    check_varying(opts, ("w", w), ("x", x))
     if bias is not None:
         bias = jnp.asarray(bias)
         check_floating("bias", bias)
@@ -535,27 +581,29 @@ def linear_softmax_cross_entropy(
         if mask.dtype != jnp.bool_:
             raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
         check_shape("where", mask, (num_classes,), "w's classes")
-    if block_size is not None and (
-        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
-    ):
+    block_size = static_int("block_size", block_size, optional=True)
+    if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
-    filt = gradient_filter
-    if filt is not None:
-        number = isinstance(filt, (int, float)) and not isinstance(filt, bool)
-        if not number or not 0 <= filt < float("inf"):
-            raise ValueError(
-                f"gradient_filter must be a finite float >= 0 or None, got {gradient_filter!r}"
-            )
-        filt = float(filt)
+    filt = static_number("gradient_filter", gradient_filter, optional=True)
+    if filt is not None and not 0 <= filt < float("inf"):
+        raise ValueError(f"gradient_filter must be a finite float >= 0 or None, got {filt!r}")
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, num_classes, batch_shape
     )
-    n = labels.size
+    check_finite("x", x, allow_neg_inf=False, batch_axis_name=batch_axis_name)
+    check_finite("w", w, allow_neg_inf=False, class_axis_name=class_axis_name)
+    if bias is not None:  # a -inf bias, like a -inf logit, makes a class impossible: valid
+        check_finite("bias", bias, class_axis_name=class_axis_name)
+    check_labels(
+        labels, num_classes, ignore_index=opts.ignore_index, class_axis_name=class_axis_name,
+        batch_axis_name=batch_axis_name,
+    )
+    n = ids.size
     block = block_size or default_block_size(n, num_classes)
     x2 = x.reshape(n, x.shape[-1])
-    y = labels.reshape(n)
+    y = ids.reshape(n)
     sw = None if sample_weights is None else sample_weights.reshape(n)
-    counted = counted_rows(y, mask, opts)
+    counted = counted_rows(mask, None if ignored is None else ignored.reshape(n), (n,), opts.spec)
     if opts.reduction == "none":
         loss, lse, correct = _rows(x2, w, bias, y, mask, class_weights, opts, block, filt)
         out = finish(loss, lse, correct, y, counted, class_weights, sw, opts)

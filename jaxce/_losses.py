@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -53,6 +54,7 @@ from ._validation import (
     check_softcap,
     compute_dtype,
     log_base,
+    static_int,
 )
 
 
@@ -78,6 +80,10 @@ def _class_max(x: jax.Array, spec: Spec) -> jax.Array:
     return x if spec.class_axis_name is None else lax.pmax(x, spec.class_axis_name)
 
 
+def _class_shards(spec: Spec) -> int:
+    return 1 if spec.class_axis_name is None else lax.axis_size(spec.class_axis_name)
+
+
 def _class_offset(num_local: int, spec: Spec):
     """Global id of the first local class: shard i holds the contiguous slice i*K_local + [0, K_local)."""
     if spec.class_axis_name is None:
@@ -89,11 +95,40 @@ def _class_ids(num_local: int, spec: Spec) -> jax.Array:
     return lax.iota(jnp.int32, num_local) + _class_offset(num_local, spec)
 
 
-def _varying_axes(x) -> frozenset:
+def varying_axes(x) -> frozenset:
     """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
     aval = jax.typeof(x)
     mat = getattr(aval, "mat", None)  # jax >= 0.9 names it aval.mat.varying, earlier aval.vma
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def check_varying(opts: "Options", class_operand, batch_operand) -> None:
+    """Raise unless the operands vary over the mesh axes named for the classes and the batch.
+
+    Inside ``shard_map`` with ``check_vma=False`` JAX tracks no varying axes, and the
+    gradients (summed over the shards of an operand replicated on an axis, see ``sum_like``)
+    would be silently wrong; an operand replicated on the axis said to split it is a mistake
+    too. Outside ``shard_map`` no axis is named and nothing is checked.
+    """
+    named = (("class_axis_name", opts.spec.class_axis_name, class_operand),
+             ("batch_axis_name", opts.batch_axis_name, batch_operand))
+    for option, axis, (operand_name, operand) in named:
+        if axis is not None and axis not in varying_axes(operand):
+            raise ValueError(
+                f"{option}={axis!r}, but {operand_name} does not vary over mesh axis {axis!r} "
+                f"(it varies over {sorted(varying_axes(operand))}): call jaxce inside "
+                "jax.shard_map with check_vma=True (the default), with the operand sharded "
+                f"over {axis!r}"
+            )
+
+
+def vary_over(x, axes):
+    """``x`` cast to also vary over the mesh ``axes`` (inside ``shard_map``; a no-op without)."""
+    if not axes:
+        return x
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, tuple(axes), to="varying")
+    return lax.pvary(x, tuple(axes))  # jax < 0.9
 
 
 def sum_like(cotangent, primal):
@@ -104,7 +139,7 @@ def sum_like(cotangent, primal):
     """
     if cotangent is None:
         return None
-    axes = tuple(_varying_axes(cotangent) - _varying_axes(primal))
+    axes = tuple(varying_axes(cotangent) - varying_axes(primal))
     return lax.psum(cotangent, axes) if axes else cotangent
 
 
@@ -191,38 +226,53 @@ def _if_all_finite(check, fast, exact):
     return lax.cond(jnp.all(jnp.isfinite(check)), fast, exact)
 
 
-def _unless_impossible(raw, fast, exact):
+def _no_impossible(raw):
+    """Whether no logit of ``raw`` is -inf: a min in their own dtype (True when empty)."""
+    return jnp.min(raw, initial=jnp.inf) > -jnp.inf
+
+
+def _unless_impossible(raw, fast, exact, spec: Spec):
     """``fast()`` if no logit of ``raw`` is -inf, else ``exact()``; both build from raw inputs.
 
-    float32 logits: ``fast()`` runs first, and its results are the test (a -inf logit makes
-    the fast sums infinite or NaN), at no cost. bfloat16 / float16 logits: the test is a min in
-    their own dtype, and ``fast()`` runs inside the cond, where its upcast of the logits is its
-    own: XLA:CPU merges equal upcasts, and one feeding two reductions is written out whole
-    as a float32 copy (twice the logits' size, and its page faults on every call).
+    float32 logits without a softcap: ``fast()`` runs first, and its results are the test (a
+    -inf logit makes the fast sums infinite or NaN), at no cost. Otherwise the test is a min of
+    the raw logits (the softcap maps -inf to the finite -c, so the sums cannot tell), and
+    ``fast()`` runs inside the cond: for bfloat16 / float16 its upcast of the logits is then its
+    own, where XLA:CPU merges equal upcasts and writes one feeding two reductions out whole as
+    a float32 copy (twice the logits' size, and its page faults on every call).
     """
-    if raw.dtype == compute_dtype(raw.dtype):
+    if not _low_precision(raw) and spec.logit_softcap is None:
         value = fast()
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(value)]))
         return lax.cond(finite, lambda: value, exact)
-    return lax.cond(jnp.min(raw) > -jnp.inf, fast, exact)
+    return lax.cond(_no_impossible(raw), fast, exact)
 
 
-def _in_row_blocks(fn, raw, *rows):
+def _low_precision(raw) -> bool:
+    return raw.dtype != compute_dtype(raw.dtype)
+
+
+def _in_row_blocks(fn, raw, *rows, blocked: bool = True):
     """``fn(raw, *rows)`` computed over blocks of rows with ``lax.map``: for the exact sums.
 
     ``raw`` is [..., K]; each of ``rows`` (or None) has the same leading batch shape; ``fn``
     maps them to arrays of the batch shape. A low-precision upcast feeding several
-    reductions is written out whole (see ``upcast_unshared``); in blocks, that scratch is
-    one block's (at most 4 MiB of float32), not the logits' size. bfloat16 blocks enter as
-    bits and are upcast by them: XLA turns the converts of the blocks into one convert of the
-    whole array before the loop. float32 logits need no upcast, and no blocks.
+    reductions is written out whole (see ``upcast_unshared``), and so is a select (a masked
+    or softcapped logit) feeding several; in blocks, that scratch is one block's (at most
+    4 MiB of float32), not the logits' size. bfloat16 blocks enter as bits and are upcast by
+    them: XLA turns the converts of the blocks into one convert of the whole array before the
+    loop. ``blocked=False`` computes ``fn`` on the whole batch at once (the caller knows it
+    shares no upcast or select).
     """
-    if raw.dtype == compute_dtype(raw.dtype):
+    if not blocked:
         return fn(raw, *rows)
     batch = raw.shape[:-1]
     bits = lambda x: lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
     unbits = lambda x: upcast_unshared(x) if x.dtype == jnp.uint16 else x
     flat = jax.tree.map(lambda r: bits(r).reshape((-1,) + r.shape[len(batch):]), (raw, *rows))
+    # Inside shard_map lax.map needs its inputs to vary over the same mesh axes.
+    axes = frozenset().union(*map(varying_axes, jax.tree.leaves(flat)))
+    flat = jax.tree.map(lambda r: vary_over(r, axes - varying_axes(r)), flat)
     block = max(1, 2**20 // raw.shape[-1])
     out = lax.map(lambda xs: fn(*jax.tree.map(unbits, xs)), flat, batch_size=block)
     return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
@@ -248,9 +298,9 @@ def _count_possible(raw, mask, class_weights, spec: Spec):
     else:
         first = upcast_unshared(raw[..., 0])  # (a row vector from data, see _if_all_finite)
         counts = lax.cond(
-            jnp.min(raw) > -jnp.inf,
+            _no_impossible(raw),
             lambda: (0.0 * first + raw.shape[-1], 0.0 * first + jnp.sum(w)),
-            lambda: _in_row_blocks(lambda raw: sums(raw, None), raw),
+            lambda: _in_row_blocks(lambda raw: sums(raw, None), raw, blocked=_low_precision(raw)),
         )
     return tuple(_class_sum(c, spec) for c in counts)
 
@@ -357,15 +407,21 @@ def _label_normalizer(raw, z, label_logit, mask, spec: Spec) -> Normalizer:
     i.e. the label's logit is within ~88 (float32) of the row's maximum; a batch with a row
     beyond that, or without a finite label logit (ignored, out-of-range or impossible labels
     use the shift 0), falls back under a ``lax.cond`` to the max-shifted normaliser, which
-    rebuilds the logits from the raw input (a cond operand is materialised).
+    rebuilds the logits from the raw input (a cond operand is materialised) in row blocks.
     """
     fast = _shifted_normalizer(z, jnp.where(jnp.isfinite(label_logit), label_logit, 0.0), spec)
 
-    def by_peak():
-        capped = _capped(raw, mask, spec)
-        return _shifted_normalizer(capped, _peak_shift(_row_max(raw, capped, mask, spec)), spec)
+    def by_peak(raw, rows_mask):
+        block_mask = mask if class_mask else rows_mask
+        capped = _capped(raw, block_mask, spec)
+        peak = _peak_shift(_row_max(raw, capped, block_mask, spec))
+        return tuple(_shifted_normalizer(capped, peak, spec))
 
-    return _if_all_finite(fast.log_sum, lambda: fast, by_peak)
+    class_mask = mask is not None and mask.ndim < raw.ndim  # the fused loss's [V]: not in rows
+    selects = mask is not None or spec.logit_softcap is not None
+    rows = None if class_mask else mask
+    exact = lambda: Normalizer(*_in_row_blocks(by_peak, raw, rows, blocked=selects))
+    return _if_all_finite(fast.log_sum, lambda: fast, exact)
 
 
 def _label_lookup(values, labels, spec: Spec, upcast=None):
@@ -414,7 +470,8 @@ def _smoothing_sums(raw, z, mask, class_weights, shift, spec: Spec):
         m = _possible_indicator(zf)
         return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1), _finite_gap(w * m, zf, shift)
 
-    return _unless_impossible(raw, all_possible, lambda: _in_row_blocks(sums, raw, shift))
+    exact = lambda: _in_row_blocks(sums, raw, shift, blocked=_low_precision(raw))
+    return _unless_impossible(raw, all_possible, exact, spec)
 
 
 def _label_logit(raw, labels, mask, spec: Spec):
@@ -422,12 +479,12 @@ def _label_logit(raw, labels, mask, spec: Spec):
 
     Gathered from the raw logits and capped / masked afterwards, so that the capped, masked
     [N, K] logits need not be materialised for the gather. ``found`` counts the classes
-    matching the label: 0 for a label outside [0, K).
+    matching the label: 0 for a label outside [0, K), whose logit is then -inf.
     """
     # bfloat16 logits are gathered as bits (see upcast_unshared).
     values = lax.bitcast_convert_type(raw, jnp.uint16) if raw.dtype == jnp.bfloat16 else raw
     raw_label_logit, found = _label_lookup(values, labels, spec, upcast_unshared)
-    label_possible = raw_label_logit > -jnp.inf
+    label_possible = (raw_label_logit > -jnp.inf) & (found == 1)
     if mask is not None:
         label_possible &= _label_lookup(mask.astype(jnp.int32), labels, spec)[0] > 0
     return jnp.where(label_possible, softcap(raw_label_logit, spec), -jnp.inf), found
@@ -488,12 +545,24 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
         spread = -jnp.sum(w * (z - top[..., None]), axis=-1)  # (not the broadcast above)
         return (1.0 - eps) * gap + eps * spread / jnp.maximum(num_possible, 1.0)
 
-    exact = lambda: _in_row_blocks(exact_gap, raw, labels, mask, normalizer.shift, num_possible)
-    gap = exact() if mask is not None else _unless_impossible(raw, fast, exact)
+    selects = mask is None and (bool(eps) or spec.logit_softcap is not None)
+    exact = lambda: _in_row_blocks(
+        exact_gap, raw, labels, mask, normalizer.shift, num_possible,
+        blocked=_low_precision(raw) or selects,
+    )
+    gap = exact() if mask is not None else _unless_impossible(raw, fast, exact, spec)
     mass = _class_sum(jnp.sum(w * masked_fill(labels.astype(dtype), mask, 0.0), axis=-1), spec)
     if eps:
         mass = (1.0 - eps) * mass + eps * weight_possible / jnp.maximum(num_possible, 1.0)
     return mass, _class_sum(gap, spec), num_possible
+
+
+def z_loss_term(lse, spec: Spec) -> jax.Array:
+    r""":math:`\lambda_z \operatorname{lse}^2`; 0 without z-loss (0 * lse**2 would be NaN for
+    |lse| > 1.8e19 in float32) and for rows without a possible class (lse = -inf)."""
+    if not spec.z_loss:
+        return jnp.zeros_like(lse)
+    return spec.z_loss * finite_or_zero(lse) ** 2
 
 
 def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
@@ -511,7 +580,7 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
         target_mass, gap, num_possible = _integer_terms(
             raw, z, labels, mask, class_weights, label_logit, found, normalizer.shift, spec
         )
-        correct = (label_logit >= top).astype(z.dtype)
+        correct = ((label_logit >= top) & (label_logit > -jnp.inf)).astype(z.dtype)
     else:
         normalizer = _shifted_normalizer(z, _peak_shift(top), spec)
         target_mass, gap, num_possible = _soft_terms(
@@ -519,8 +588,12 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
         )
         correct = jnp.zeros_like(top)
     loss = target_mass * normalizer.log_sum + gap
-    if spec.z_loss:  # (0 * lse**2 would be NaN for |lse| > 1.8e19 in float32)
-        loss = loss + spec.z_loss * normalizer.lse**2
+    # A row with no possible class (all -inf): any target mass is on impossible classes, +inf
+    # (log_sum -inf meets a gap of +inf there: NaN).
+    empty = normalizer.log_sum == -jnp.inf
+    loss = jnp.where(empty, jnp.where(target_mass > 0, jnp.inf, 0.0), loss)
+    if spec.z_loss:
+        loss = loss + z_loss_term(normalizer.lse, spec)
     if spec.integer_labels:
         # A label outside [0, K) has no class: NaN, never a silent wrap to another class.
         loss = jnp.where(found == 1, loss, jnp.nan)
@@ -547,6 +620,11 @@ def row_cotangents(
     log_p = normalizer.log_probs(capped)
     lse = finite_or_zero(normalizer.lse)
     coef = g_loss * (target_mass + 2.0 * spec.z_loss * lse) + g_lse
+    if spec.integer_labels:
+        # A label outside [0, K) has a NaN loss, and so a NaN gradient (ignored labels are 0).
+        num_classes = z.shape[-1] * _class_shards(spec)
+        valid = (labels >= 0) & (labels < num_classes)
+        coef = jnp.where(valid, coef, jnp.nan)
     dz = jnp.exp(log_p) * coef[..., None] - g_loss[..., None] * t
     if spec.logit_softcap is not None:
         dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
@@ -607,8 +685,17 @@ _rows.defvjp(_rows_fwd, _rows_bwd)
 # denominator, and the custom VJP sees the per-example cotangent.
 
 
-def _safe_divide(num, den):
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+def _mean(num, den):
+    """``num / den``; 0 / 0 is 0 (nothing counted), while x / 0 for x != 0 is NaN (undefined).
+
+    x / 0 arises when the counted examples' weights sum to 0 but their losses do not (class
+    weights 0 on every label, with label smoothing putting mass on other classes); its
+    gradient is NaN too (``num * nan``), so value and gradient agree.
+    """
+    # num times a factor that depends on num only through a compare: its gradient is the
+    # factor, NaN only where the mean is (a NaN in a select's untaken branch would leak).
+    factor = jnp.where(den != 0, 1.0 / jnp.where(den != 0, den, 1.0), jnp.where(num == 0, 0.0, jnp.nan))
+    return num * factor
 
 
 def reduce_losses(
@@ -629,7 +716,7 @@ def reduce_losses(
     den = jnp.sum(jnp.where(counted, norm, 0.0))
     if batch_axis_name is not None:
         den = lax.psum(den, batch_axis_name)
-    return _safe_divide(total, den) / scale
+    return _mean(total, den) / scale
 
 
 def label_class_weights(class_weights, labels, spec: Spec):
@@ -662,10 +749,7 @@ def make_options(
     batch_axis_name=None,
 ) -> Options:
     check_reduction(reduction)
-    if ignore_index is not None and (
-        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
-    ):
-        raise TypeError(f"ignore_index must be a Python int or None, got {ignore_index!r}")
+    ignore_index = static_int("ignore_index", ignore_index, optional=True)
     spec = Spec(
         integer_labels=integer_labels,
         label_smoothing=check_nonnegative_option("label_smoothing", label_smoothing, upper=1.0),
@@ -697,75 +781,145 @@ def check_weights(class_weights, sample_weights, num_classes, batch_shape):
 def finish(stats_loss, lse, correct, labels, counted, class_weights, sample_weights, opts: Options):
     """Apply sample weights, reduction and base; build the aux dict. Shared by every path."""
     spec = opts.spec
-    # Zero the uncounted rows before weighting: their loss may be NaN (an ignored label matches
-    # no class) and must not reach the sample weights' gradient (the double where).
+    # Uncounted rows take no part: their loss (NaN for an ignored label that matches no class)
+    # and their sample weight (even NaN) are zeroed before they meet, so neither reaches the
+    # other's gradient (the double where).
     loss = jnp.where(counted, stats_loss, 0.0)
     norm = jnp.ones_like(loss)
     if spec.integer_labels and class_weights is not None:
         norm = label_class_weights(class_weights, labels, spec)
     if sample_weights is not None:
-        loss, norm = loss * sample_weights, norm * sample_weights
+        weights = jnp.where(counted, sample_weights, 0.0)
+        loss, norm = loss * weights, norm * weights
     out = reduce_losses(loss, counted, norm, opts.reduction, opts.scale, opts.batch_axis_name)
     if not opts.return_aux:
         return out
-    aux = {"logsumexp": lse, "z_loss": spec.z_loss * lse**2 / opts.scale}
+    aux = {"logsumexp": lse, "z_loss": z_loss_term(lse, spec) / opts.scale}
     if spec.integer_labels:
         aux["correct"] = (correct > 0.5) & counted
     return out, aux
 
 
-def counted_rows(labels, mask, opts: Options):
-    """Examples that count: not ``ignore_index``, and with at least one unmasked class."""
-    counted = True
+def counted_rows(mask, ignored, batch_shape, spec: Spec):
+    """Examples that count: not ignored, and with at least one unmasked class (all shards)."""
+    counted = jnp.ones(batch_shape, bool) if ignored is None else ~ignored
     if mask is not None:
         held = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-        counted = _class_sum(held, opts.spec) > 0
-    if opts.spec.integer_labels and opts.ignore_index is not None:
-        counted = counted & (labels != opts.ignore_index)
-    shape = labels.shape if opts.spec.integer_labels else labels.shape[:-1]
-    return jnp.broadcast_to(counted, shape)
+        counted = counted & (_class_sum(held, spec) > 0)
+    return jnp.broadcast_to(counted, batch_shape)
 
 
-def _logits_in_rows(logits, axis, where, name="logits"):
+_INT32 = jnp.iinfo(jnp.int32)
+
+
+def integer_labels(labels, batch_shape, what: str, ignore_index: int | None):
+    """Validate integer labels; return ``(ids, ignored)``: int32 class ids and the ignore mask.
+
+    Every comparison is exact whatever the labels' dtype: K, the class offsets and
+    ``ignore_index`` are never converted into a narrow dtype, where they would wrap (K = 256
+    is 0 in uint8, -100 is 156). Labels that do not fit in int32 become -1, outside every
+    [0, K): NaN, never another class. ``ignored`` (None without ``ignore_index``) compares
+    the original labels, and is all False when ``ignore_index`` is not a value of their dtype;
+    ignored examples get the id 0 (they take no part, and an id outside [0, K) would give its
+    row a NaN gradient).
+    With 64-bit types disabled JAX truncates int64 labels to int32 (2**32 + 1 would become
+    class 1); NumPy input is checked here for that, and raises.
+    """
+    if isinstance(labels, (np.ndarray, np.generic)) and labels.dtype.kind in "iu":
+        out_of_int32 = (labels < _INT32.min) | (labels > _INT32.max)
+        if not jax.config.jax_enable_x64 and labels.dtype.itemsize == 8 and np.any(out_of_int32):
+            raise ValueError(
+                f"labels hold {labels[out_of_int32].flat[0]}, beyond int32, which JAX truncates "
+                "to another class while 64-bit types are disabled (enable jax_enable_x64)"
+            )
+    labels = jnp.asarray(labels)
+    check_integer("labels", labels)
+    check_shape("labels", labels, batch_shape, what)
+    info = jnp.iinfo(labels.dtype)
+    ids = labels
+    if info.max > _INT32.max or info.min < _INT32.min:
+        ids = jnp.where((labels >= max(info.min, _INT32.min)) & (labels <= _INT32.max), labels, -1)
+    ids = ids.astype(jnp.int32)
+    ignored = None
+    if ignore_index is not None:
+        representable = info.min <= ignore_index <= info.max
+        ignored = (labels == ignore_index) if representable else jnp.zeros(labels.shape, bool)
+        ids = jnp.where(ignored, 0, ids)  # any class: their loss and gradient are zeroed
+    return ids, ignored
+
+
+def _check_unambiguous(where, logits_shape, batch_shape, opts: Options) -> None:
+    """Inside ``shard_map`` with the classes split, refuse a mask of the batch shape that is
+    also a mask of the trailing (class) shape: on one device the global shapes tell which it
+    is, but the local shard's shapes may coincide (4 rows x 4 classes of 16)."""
+    if where is None or opts.spec.class_axis_name is None:
+        return
+    shape = jnp.shape(where)
+    if len(shape) < len(logits_shape) and shape == batch_shape == logits_shape[-len(shape):]:
+        raise ValueError(
+            f"where shape {shape} is both the local batch shape and the local class shape of "
+            f"logits {logits_shape} inside shard_map: give it the logits' rank, with size-1 "
+            f"axes where it does not vary (e.g. {(1,) * (len(logits_shape) - len(shape)) + shape} "
+            f"for a class mask, {shape + (1,) * (len(logits_shape) - len(shape))} for an "
+            "example mask with the classes last)"
+        )
+
+
+def _logits_in_rows(logits, axis, where, opts: Options, name="logits"):
     logits = jnp.asarray(logits)
     check_floating(name, logits)
     axes = canonical_axes(axis, logits.ndim)
-    mask = broadcast_mask(where, logits.shape, axes)
     batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
+    _check_unambiguous(where, logits.shape, batch_shape, opts)
+    mask = broadcast_mask(where, logits.shape, axes)
+    if not all(logits.shape[a] for a in axes):
+        class_shape = tuple(logits.shape[a] for a in axes)
+        raise ValueError(f"{name} have no classes: axis {axis} of shape {logits.shape} is {class_shape}")
     flat = move_axes_last(logits, axes)
     return flat, (None if mask is None else move_axes_last(mask, axes)), axes, batch_shape
 
 
-def _in_place_loss(z, labels, mask, batch_shape, class_weights, sample_weights, opts: Options):
+def _in_place_loss(
+    z, labels, mask, ignored, batch_shape, class_weights, sample_weights, opts: Options
+):
     """The in-place path of both softmax cross-entropies, from logits moved to [..., K]."""
+    check_varying(opts, ("logits", z), ("logits", z))
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, z.shape[-1], batch_shape
     )
     loss, lse, correct = _rows(z, labels, mask, class_weights, opts.spec)
-    counted = counted_rows(labels, mask, opts)
+    counted = counted_rows(mask, ignored, batch_shape, opts.spec)
     return finish(loss, lse, correct, labels, counted, class_weights, sample_weights, opts)
 
 
 _OPTION_DOC = r"""
       where: boolean mask broadcastable to ``logits`` (a mask of the batch shape masks whole
         examples, as in optax). Masked classes take no part; a fully masked example has loss 0,
-        gradient 0, and does not count in ``"mean"``.
+        gradient 0, and does not count in ``"mean"``. Inside ``shard_map`` with the classes
+        split, a mask whose shape is both the local batch shape and the local class shape is
+        refused as ambiguous: give it the logits' rank.
       label_smoothing: :math:`\varepsilon \in [0, 1)`; targets become
         :math:`(1 - \varepsilon) y + \varepsilon / K` over the unmasked classes.
       class_weights: shape ``[K]``; weight :math:`w_k` multiplies class k's term.
       sample_weights: the batch shape; multiplies each example's loss.
       z_loss: :math:`\lambda_z \ge 0`; adds :math:`\lambda_z \operatorname{lse}(z)^2` per example
         (PaLM's auxiliary loss).
-      logit_softcap: :math:`c > 0`; logits pass through :math:`c \tanh(z / c)` first (Gemma 2).
+      logit_softcap: :math:`c \in (0, 2^{100}]`; logits pass through :math:`c \tanh(z / c)`
+        first (Gemma 2); a :math:`-\infty` logit stays an impossible class.
       base: logarithm base of the loss (``None`` nats, ``2`` bits, ``10`` hartleys); loss and
         gradient are divided by :math:`\ln b`.
-      reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"`` (over counted examples; 0 if
-        none counts).
-      return_aux: also return a dict with per-example ``logsumexp``, the ``z_loss`` term and
-        (integer labels) ``correct``: whether the label's logit is the largest.
+      reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"``: the sum divided by the
+        counted examples' total weight (their sample weights, times :math:`w_{y_n}` with class
+        weights and integer labels); 0 when nothing counts (0 / 0), NaN when that weight is 0
+        but the sum is not (x / 0: class weights 0 on every label, with smoothing).
+      return_aux: also return a dict with per-example ``logsumexp``, the ``z_loss`` term (0 for
+        an example without a possible class) and (integer labels) ``correct``: whether the
+        label's logit is the largest (False for an impossible or out-of-range label).
       class_axis_name: inside ``shard_map``, the mesh axis over which the class axis is split
         (each device holds a contiguous slice, in device order); the losses combine O(N)
-        statistics with ``pmax``/``psum`` and give the single-device numbers.
+        statistics with ``pmax``/``psum`` and give the single-device numbers. ``shard_map``
+        must keep ``check_vma=True``: without it the gradients would be wrong, and the losses
+        raise.
       batch_axis_name: the mesh axis over which the batch is split; ``"sum"`` and ``"mean"``
         become global.
 """
@@ -826,14 +980,15 @@ def softmax_cross_entropy(
         batch_axis_name=batch_axis_name,
     )
     logits_in = jnp.asarray(logits)
-    z, mask, axes, batch_shape = _logits_in_rows(logits_in, axis, where)
+    z, mask, axes, batch_shape = _logits_in_rows(logits_in, axis, where, opts)
     labels = jnp.asarray(labels)
     check_floating("labels", labels)
     check_shape("labels", labels, logits_in.shape, "logits shape")
-    check_finite("logits", logits_in, axes, where=where)
-    check_distribution("labels", labels, axes, where=where)
+    mesh_axes = dict(class_axis_name=class_axis_name, batch_axis_name=batch_axis_name)
+    check_finite("logits", logits_in, axes, where=where, **mesh_axes)
+    check_distribution("labels", labels, axes, where=where, **mesh_axes)
     y = move_axes_last(labels, axes)
-    return _in_place_loss(z, y, mask, batch_shape, class_weights, sample_weights, opts)
+    return _in_place_loss(z, y, mask, None, batch_shape, class_weights, sample_weights, opts)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -871,11 +1026,15 @@ def softmax_cross_entropy_with_integer_labels(
 
     Note:
       The backward pass is :math:`g (p - t)` from a custom VJP, the target t built by comparing
-      an iota with the labels (no one-hot). A label outside ``[0, K)`` that is not
-      ``ignore_index`` gives NaN (never a silent wrap to another class; :func:`jaxce.checked`
-      raises instead); a label on a masked class or a :math:`-\infty` logit has probability 0
-      and gives :math:`+\infty`. A :math:`-\infty` logit is an impossible class, treated
-      like a masked one: label smoothing puts no mass on it.
+      an iota with the labels (no one-hot). Labels of any integer dtype are compared
+      exactly (K and ``ignore_index`` never wrap in a narrow dtype); int64 NumPy labels beyond
+      int32 raise while 64-bit types are disabled (JAX would truncate them). A label outside
+      ``[0, K)`` that is not ``ignore_index`` gives a NaN loss and a NaN gradient row (never
+      a silent wrap to another class; :func:`jaxce.checked` raises instead); a label on a
+      masked class or a :math:`-\infty` logit, or in a row whose logits are all
+      :math:`-\infty`, has probability 0 and gives :math:`+\infty` (gradient 0). A
+      :math:`-\infty` logit is an impossible class, treated like a masked one: label
+      smoothing puts no mass on it.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -898,13 +1057,18 @@ def softmax_cross_entropy_with_integer_labels(
         class_axis_name=class_axis_name,
         batch_axis_name=batch_axis_name,
     )
-    z, mask, axes, batch_shape = _logits_in_rows(logits, axis, where)
-    labels = jnp.asarray(labels)
-    check_integer("labels", labels)
-    check_shape("labels", labels, batch_shape, f"logits shape without axis {axis}")
-    check_finite("logits", logits, axes, where=where)
-    check_labels(labels, z.shape[-1], ignore_index=ignore_index, class_axis_name=class_axis_name)
-    return _in_place_loss(z, labels, mask, batch_shape, class_weights, sample_weights, opts)
+    z, mask, axes, batch_shape = _logits_in_rows(logits, axis, where, opts)
+    what = f"logits shape without axis {axis}"
+    ids, ignored = integer_labels(labels, batch_shape, what, opts.ignore_index)
+    check_finite(
+        "logits", logits, axes, where=where,
+        class_axis_name=class_axis_name, batch_axis_name=batch_axis_name,
+    )
+    check_labels(
+        labels, z.shape[-1], ignore_index=opts.ignore_index, class_axis_name=class_axis_name,
+        batch_axis_name=batch_axis_name,
+    )
+    return _in_place_loss(z, ids, mask, ignored, batch_shape, class_weights, sample_weights, opts)
 
 
 def nll_loss(
@@ -947,23 +1111,28 @@ def nll_loss(
         return_aux=False,
         ignore_index=ignore_index,
     )
-    lp, mask, _, batch_shape = _logits_in_rows(log_probs, axis, where, name="log_probs")
-    labels = jnp.asarray(labels)
-    check_integer("labels", labels)
-    check_shape("labels", labels, batch_shape, f"log_probs shape without axis {axis}")
+    lp, mask, _, batch_shape = _logits_in_rows(log_probs, axis, where, opts, name="log_probs")
+    what = f"log_probs shape without axis {axis}"
+    ids, ignored = integer_labels(labels, batch_shape, what, opts.ignore_index)
     check_distribution("log_probs", log_probs, axis, where=where, log=True)
-    check_labels(labels, lp.shape[-1], ignore_index=ignore_index)
+    check_labels(labels, lp.shape[-1], ignore_index=opts.ignore_index)
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, lp.shape[-1], batch_shape
     )
     lp = masked_fill(lp.astype(compute_dtype(lp.dtype)), mask)
-    hit = _class_ids(lp.shape[-1], opts.spec) == labels[..., None]
-    loss = -jnp.sum(jnp.where(hit, lp, 0.0), axis=-1)
+    num_classes = lp.shape[-1]
+    picked = jnp.take_along_axis(lp, jnp.clip(ids, 0, num_classes - 1)[..., None], axis=-1)
+    counted = counted_rows(mask, ignored, batch_shape, opts.spec)
+    found = (ids >= 0) & (ids < num_classes)
+    # (An uncounted row's -inf must not meet the class weights' zero cotangent: NaN.)
+    picked = jnp.where(counted, picked[..., 0], 0.0)
+    # A counted label outside [0, K): NaN loss and a NaN gradient on its row's classes, from
+    # a term that is exactly 0 (with a zero gradient) on every other row.
+    undefined = jnp.where(found | ~counted, 0.0, jnp.nan)
+    loss = undefined * jnp.sum(finite_or_zero(lp), axis=-1) - picked
     if class_weights is not None:
-        loss = loss * label_class_weights(class_weights, labels, opts.spec)
-    loss = jnp.where(jnp.sum(hit, axis=-1) == 1, loss, jnp.nan)
-    counted = counted_rows(labels, mask, opts)
-    return finish(loss, None, None, labels, counted, class_weights, sample_weights, opts)
+        loss = loss * label_class_weights(class_weights, ids, opts.spec)
+    return finish(loss, None, None, ids, counted, class_weights, sample_weights, opts)
 
 
 @jax.custom_vjp
@@ -998,13 +1167,15 @@ def _binary_cross_entropy_bwd(residuals, g):
 _binary_cross_entropy.defvjp(_binary_cross_entropy_fwd, _binary_cross_entropy_bwd)
 
 
-def _broadcast_operand(name, x, shape, dtype):
+def _broadcast_operand(name, x, shape, dtype, mask):
+    """``x`` checked, cast to ``dtype``, broadcast to ``shape``, and 0 where ``mask`` is False."""
     x = jnp.asarray(x)
     check_floating(name, x)
     try:
-        return jnp.broadcast_to(x.astype(dtype), shape)
+        x = jnp.broadcast_to(x.astype(dtype), shape)
     except ValueError:
         raise ValueError(f"{name} shape {x.shape} is not broadcastable to logits shape {shape}") from None
+    return masked_fill(x, mask, 0.0)
 
 
 def sigmoid_binary_cross_entropy(
@@ -1030,7 +1201,8 @@ def sigmoid_binary_cross_entropy(
     Args:
       logits: floating logits.
       labels: targets in [0, 1], broadcastable to ``logits`` (differentiable).
-      where: boolean mask broadcastable to ``logits``; masked elements give 0 and do not count.
+      where: boolean mask broadcastable to ``logits``; masked elements give 0 and do not count,
+        whatever any operand holds there (NaN, inf): their gradients are 0.
       pos_weight: :math:`\beta`, the weight of the positive term (PyTorch's ``pos_weight``),
         broadcastable to ``logits`` (e.g. one per class).
       sample_weights: broadcastable to ``logits``; multiplies each element's loss.
@@ -1060,24 +1232,27 @@ def sigmoid_binary_cross_entropy(
     dtype = compute_dtype(z.dtype)
     y = jnp.asarray(labels)
     check_floating("labels", y)
-    check_finite("logits", z)
-    check_unit_interval("labels", y)
     try:
         shape = jnp.broadcast_shapes(z.shape, y.shape)
     except ValueError:
         raise ValueError(f"labels shape {y.shape} does not broadcast with logits shape {z.shape}") from None
-    z, y = jnp.broadcast_to(z.astype(dtype), shape), jnp.broadcast_to(y.astype(dtype), shape)
+    mask = broadcast_mask(where, shape, ())
+    # Masked elements take no part, whatever they hold (NaN, inf): every operand is zeroed there
+    # before any arithmetic (the double where), so nothing they hold reaches a gradient.
+    z, y = (masked_fill(jnp.broadcast_to(a.astype(dtype), shape), mask, 0.0) for a in (z, y))
+    check_finite("logits", z)
+    check_unit_interval("labels", y)
     if eps:
         y = (1.0 - eps) * y + eps / 2.0
     beta = jnp.ones(shape, dtype) if pos_weight is None else _broadcast_operand(
-        "pos_weight", pos_weight, shape, dtype
+        "pos_weight", pos_weight, shape, dtype, mask
     )
     loss = _binary_cross_entropy(z, y, beta)
-    counted = jnp.ones(shape, bool) if where is None else broadcast_mask(where, shape, ())
+    counted = jnp.ones(shape, bool) if mask is None else mask
     loss = jnp.where(counted, loss, 0.0)
     norm = jnp.ones(shape, dtype)
     if sample_weights is not None:
-        weights = _broadcast_operand("sample_weights", sample_weights, shape, dtype)
+        weights = _broadcast_operand("sample_weights", sample_weights, shape, dtype, mask)
         loss, norm = loss * weights, norm * weights
     return reduce_losses(loss, counted, norm, reduction, scale)
 

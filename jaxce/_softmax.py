@@ -6,6 +6,7 @@ NaN values or NaN gradients, jax issue 6811).
 """
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -32,10 +33,18 @@ def _shifted_exp(x: jax.Array, mask: jax.Array | None, shift: jax.Array) -> jax.
     return masked_fill(jnp.exp(x - finite_or_zero(shift)), mask, 0.0)
 
 
+def _peak(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
+    r"""The maximum of the unmasked entries over ``axes`` (kept), :math:`-\infty` on empty slices.
+
+    ``initial=-inf`` makes a class axis of size 0 an empty slice too, as in ``jax.nn.logsumexp``.
+    """
+    return jnp.max(masked_fill(x, mask), axis=axes, keepdims=True, initial=-jnp.inf)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _logsumexp(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -> jax.Array:
     # keepdims result; mask may be None.
-    peak = jnp.max(masked_fill(x, mask), axis=axes, keepdims=True)
+    peak = _peak(x, mask, axes)
     return jnp.log(jnp.sum(_shifted_exp(x, mask, peak), axis=axes, keepdims=True)) + finite_or_zero(
         peak
     )
@@ -63,7 +72,7 @@ def shift_by_peak(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...]) -
     carry lse's float32 rounding (ulp 1e-3) into every probability, while ``x - max`` is exact
     near the peak and ``lse(x - max)`` is small. ``stop_gradient``: the shift is a constant.
     """
-    peak = jnp.max(masked_fill(x, mask), axis=axes, keepdims=True)
+    peak = _peak(x, mask, axes)
     # An empty slice (peak -inf) is not shifted; a +inf peak makes the slice NaN, as it should.
     return x - lax.stop_gradient(jnp.where(peak == -jnp.inf, 0.0, peak))
 
@@ -100,8 +109,8 @@ def logsumexp(
 
     Note:
       A slice that is all :math:`-\infty` or fully masked gives :math:`-\infty` with a zero
-      gradient (``jax.nn.logsumexp`` gives a NaN gradient there). The gradient is
-      ``softmax(x)``.
+      gradient (``jax.nn.logsumexp`` gives a NaN gradient there), and so does a class axis of
+      size 0. The gradient is ``softmax(x)``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -195,7 +204,7 @@ def move_axes_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """Move ``axes`` to the end (in order) and flatten them into one axis of size K."""
     batch = tuple(i for i in range(x.ndim) if i not in axes)
     x = jnp.transpose(x, batch + axes)
-    return x.reshape(x.shape[: len(batch)] + (-1,))
+    return x.reshape(x.shape[: len(batch)] + (math.prod(x.shape[len(batch) :]),))
 
 
 def softmax_jacobian(x: ArrayLike, axis: int | Sequence[int] = -1) -> jax.Array:

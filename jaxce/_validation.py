@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -56,12 +57,72 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _static_scalar(name: str, value, integer: bool, optional: bool):
+    """``value`` as a Python int (``integer``) or float, or raise ``TypeError`` naming ``name``.
+
+    Accepted: a Python number, a NumPy scalar or 0-d array, or a concrete 0-d JAX array, of an
+    integer dtype (``integer``) or of a real dtype (not bool, not complex); ``None`` when
+    ``optional``. A traced value is refused: an option shapes the computation, so it must be
+    known while JAX traces.
+    """
+    if optional and value is None:
+        return None
+    kind, cast = ("int", int) if integer else ("number", float)
+    or_none = " or None" if optional else ""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be static (a Python {kind}{or_none}, or a concrete NumPy or JAX scalar), "
+            f"got the traced value {value}: pass it as a Python {kind}, or mark it static "
+            "(jax.jit's static_argnames)"
+        )
+    if isinstance(value, int if integer else (int, float)) and not isinstance(value, bool):
+        return cast(value)  # (before NumPy, which holds no int beyond 64 bits)
+    try:
+        array = np.asarray(value)
+    except ValueError:  # a ragged sequence
+        array = np.asarray(None)
+    dtypes = (jnp.integer,) if integer else (jnp.integer, jnp.floating)
+    if array.ndim == 0 and any(jnp.issubdtype(array.dtype, d) for d in dtypes):
+        return cast(array)
+    raise TypeError(
+        f"{name} must be a Python {kind}{or_none}, got {value!r} "
+        f"(a NumPy or concrete JAX {'integer' if integer else 'real'} scalar works too)"
+    )
+
+
+def static_number(name: str, value, *, optional: bool = False) -> float | None:
+    """A static real option as a Python float (``None`` passes through when ``optional``).
+
+    Takes any concrete real scalar: a Python int or float, a NumPy scalar or 0-d array, a
+    concrete 0-d JAX array. Raises ``TypeError`` for bools, strings, arrays of other shapes
+    and traced values.
+
+    Examples:
+      >>> import numpy as np, jax.numpy as jnp
+      >>> static_number("z_loss", np.float32(0.25)), static_number("z_loss", jnp.int32(2))
+      (0.25, 2.0)
+    """
+    return _static_scalar(name, value, integer=False, optional=optional)
+
+
+def static_int(name: str, value, *, optional: bool = False) -> int | None:
+    """A static integer option as a Python int (``None`` passes through when ``optional``).
+
+    As :func:`static_number`, but the value must have an integer type: ``2.0`` is refused.
+
+    Examples:
+      >>> import numpy as np
+      >>> static_int("block_size", np.int64(8))
+      8
+    """
+    return _static_scalar(name, value, integer=True, optional=optional)
+
+
 def log_base(base: float | None) -> float:
     """``ln(base)``, the factor that turns nats into units of ``base`` (1 for ``None``)."""
+    base = static_number("base", base, optional=True)
     if base is None:
         return 1.0
-    if isinstance(base, bool) or not isinstance(base, (int, float)):
-        raise TypeError(f"base must be a Python number or None, got {base!r}")
     if not base > 0 or base == 1 or not math.isfinite(base):
         raise ValueError(f"base must be finite, > 0 and != 1, got {base!r}")
     return math.log(base)
@@ -74,22 +135,22 @@ def check_reduction(reduction: str) -> None:
 
 def check_nonnegative_option(name: str, value: float, upper: float | None = None) -> float:
     """A static float option in ``[0, upper]`` (``upper`` excluded when given)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python number, got {value!r}")
+    value = static_number(name, value)
     if not value >= 0 or (upper is not None and not value < upper) or not math.isfinite(value):
         bound = f"[0, {upper})" if upper is not None else "[0, inf)"
         raise ValueError(f"{name} must be in {bound}, got {value!r}")
-    return float(value)
+    return value
 
 
 def check_softcap(softcap: float | None) -> float | None:
+    softcap = static_number("logit_softcap", softcap, optional=True)
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"logit_softcap must be a Python number or None, got {softcap!r}")
-    if not softcap > 0 or not math.isfinite(softcap):
-        raise ValueError(f"logit_softcap must be finite and > 0, got {softcap!r}")
-    return float(softcap)
+    # z / c is flushed to 0 where it is a float32 subnormal (|z| < c 2**-126: CPUs flush them):
+    # c <= 2**100 keeps that error below 2**-26, where larger caps would zero logits near 0.
+    if not 0 < softcap <= 2.0**100:
+        raise ValueError(f"logit_softcap must be in (0, 2**100 = 1.3e30], got {softcap!r}")
+    return softcap
 
 
 def broadcast_mask(where, shape: tuple[int, ...], axes: tuple[int, ...], name: str = "where"):

@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import jaxce
 from jaxce import _checked
@@ -97,6 +100,42 @@ def test_valid_inputs_give_the_unchecked_value(jit):
     out = checked(f)(LOGITS, jnp.asarray(labels))
     np.testing.assert_allclose(out, _int_loss_np(labels), rtol=1e-6)
     np.testing.assert_array_equal(out, f(LOGITS, jnp.asarray(labels)))
+
+
+INT_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
+
+
+def _boundary_labels(dtype, k):
+    """Every label value of ``dtype`` at a boundary: 0, K - 1, K, -1, -100, 255, the extremes."""
+    info = np.iinfo(dtype)
+    values = [0, 1, k - 1, k, k + 1, -1, -100, 255, 256, info.min, info.max]
+    return list(dict.fromkeys(v for v in values if info.min <= v <= info.max))
+
+
+@pytest.mark.parametrize("ignore_index", [None, -100, 255])
+@pytest.mark.parametrize("k", [5, 200, 256, 2**16])
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_labels_of_every_integer_dtype_compare_exactly(dtype, k, ignore_index):
+    """K and ignore_index are compared as Python ints: uint8 labels with K = 256 are all valid,
+    int8 labels with K = 200 are valid from 0 to 127, -100 matches no uint8 label (no wrap)."""
+
+    def f(y):
+        check_labels(y, k, ignore_index=ignore_index)
+        return y
+
+    values = _boundary_labels(dtype, k)
+    bad = [not 0 <= v < k and v != ignore_index for v in values]  # exact, in Python
+    with jax.enable_x64(True):  # int64 and uint64 labels stay 64-bit
+        y = np.array(values, dtype)
+        mask = _checked._labels_out_of_range(jnp.asarray(y), k, ignore_index)
+        np.testing.assert_array_equal(mask, bad, err_msg=f"{values}")
+        if not any(bad):
+            np.testing.assert_array_equal(checked(f)(y), y)
+        else:
+            i = bad.index(True)
+            with raises(f"labels[{i}] = {values[i]} is outside [0, {k}) "
+                        f"(ignore_index={ignore_index!r})"):
+                checked(f)(y)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,6 +435,7 @@ def test_public_losses_emit_no_checks_without_the_wrapper():
         jax.make_jaxpr(jaxce.nll_loss)(z, y),
         jax.make_jaxpr(jaxce.entropy)(soft),
         jax.make_jaxpr(jaxce.kl_divergence)(soft, soft),
+        jax.make_jaxpr(jaxce.linear_softmax_cross_entropy)(jnp.eye(4), z, y),
     ):
         assert "check" not in str(jaxpr)
     with _checked._active(_checked._Settings(None)):  # the assertion above can fail
@@ -457,3 +497,165 @@ def test_information_measures():
 
 def test_entropy_of_bfloat16_thirds_passes():
     checked(jaxce.entropy)(jnp.full((3,), 1 / 3, jnp.bfloat16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient accumulation: the loss inside a loop, differentiated
+
+
+def _micro_batch_loss(z, y):
+    return jaxce.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean")
+
+
+def accumulate_scan(z, labels):
+    """The summed loss of the micro-batches ``z[i]``, one per ``lax.scan`` step."""
+    step = lambda total, zy: (total + _micro_batch_loss(*zy), None)
+    return lax.scan(step, 0.0, (z, labels))[0]
+
+
+def accumulate_fori(z, labels):
+    """The same sum in a ``lax.fori_loop``."""
+    body = lambda i, total: total + _micro_batch_loss(z[i], labels[i])
+    return lax.fori_loop(0, z.shape[0], body, 0.0)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("loop", [accumulate_scan, accumulate_fori], ids=["scan", "fori_loop"])
+def test_gradient_accumulation_in_a_loop_is_checked(loop, jit):
+    """Reverse-mode AD of a loop partially evaluates its body, which dropped every check."""
+    g = jax.jit(jax.grad(loop)) if jit else jax.grad(loop)
+    z, labels = jnp.stack([LOGITS] * 3), jnp.stack([LABELS] * 3)  # three micro-batches
+    z64 = LOGITS.astype(np.float64)
+    p = np.exp(z64 - _lse_np(z64)[:, None])
+    np.testing.assert_allclose(checked(g)(z, labels), [(p - np.eye(5)[LABELS]) / 4] * 3, atol=1e-6)
+    with raises("labels[3] = 7 is outside [0, 5) (ignore_index=None)"):  # within the step
+        checked(g)(z, labels.at[1, 3].set(7))
+    with raises("logits[0, 2] is nan (NaN and +inf are not allowed)"):
+        checked(g)(z.at[2, 0, 2].set(jnp.nan), labels)
+    if _checked._KEPT is not None:  # outside the wrapper JAX's registry is as it was
+        kept, effect_type = _checked._KEPT
+        assert effect_type not in kept._effect_types and _checked._tracing == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_softmax_cross_entropy, and sharded inputs (global indices)
+
+
+X = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
+W = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]], np.float32)
+
+
+def linear_none(x, w, labels, **kw):
+    return jaxce.linear_softmax_cross_entropy(x, w, labels, reduction="none", **kw)
+
+
+def test_linear_loss_checks_labels():
+    labels = np.array([0, 1, 2])
+    z = X.astype(np.float64) @ W
+    ref = _lse_np(z) - z[np.arange(3), labels]
+    np.testing.assert_allclose(checked(linear_none)(X, W, labels), ref, rtol=1e-6)
+    with raises("labels[1] = 3 is outside [0, 3) (ignore_index=None)"):
+        checked(linear_none)(X, W, np.array([0, 3, 2]))
+    with raises("labels[2] = -1 is outside [0, 3) (ignore_index=-100)"):
+        checked(linear_none)(X, W, np.array([0, -100, -1]), ignore_index=-100)
+    out = checked(linear_none)(X, W, np.array([0, -100, 2]), ignore_index=-100)
+    np.testing.assert_allclose(out, [ref[0], 0.0, ref[2]], rtol=1e-6)
+    with raises("labels[1, 0] = 5 is outside [0, 3) (ignore_index=None)"):  # x [2, 2, D]
+        checked(linear_none)(np.stack([X[:2]] * 2), W, np.array([[0, 1], [5, 2]]))
+    mean_loss = lambda w: jaxce.linear_softmax_cross_entropy(X, w, np.array([0, 1, 3]))
+    with raises("labels[2] = 3 is outside [0, 3) (ignore_index=None)"):
+        checked(jax.jit(jax.grad(mean_loss)))(W)
+
+
+def test_linear_loss_checks_x_w_and_bias():
+    labels = np.array([0, 1, 2])
+    x = X.copy()
+    x[2, 1] = np.nan
+    with raises("x[2, 1] is nan (NaN and +-inf are not allowed)"):
+        checked(linear_none)(x, W, labels)
+    w = W.copy()
+    w[0, 2] = -np.inf  # an infinite weight is no impossible class: -inf * 0 is NaN
+    with raises("w[0, 2] is -inf (NaN and +-inf are not allowed)"):
+        checked(linear_none)(X, w, labels)
+    with raises("bias[1] is inf (NaN and +inf are not allowed)"):
+        checked(linear_none)(X, W, labels, bias=np.array([0.0, np.inf, 0.0], np.float32))
+    bias = np.array([0.0, 0.0, -np.inf], np.float32)  # class 2 impossible: valid
+    out = checked(linear_none)(X, W, np.array([0, 1, 1]), bias=bias)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+DATA, MODEL = "data", "model"
+N, D, V = 8, 3, 16  # on the 2 x 4 mesh: 4 rows and 4 classes a device
+
+
+def mesh():
+    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), (DATA, MODEL))
+
+
+def sharded_linear(x, w, labels):
+    loss = lambda x, w, y: jaxce.linear_softmax_cross_entropy(
+        x, w, y, reduction="sum", class_axis_name=MODEL, batch_axis_name=DATA
+    )
+    specs = (P(DATA), P(None, MODEL), P(DATA))
+    return jax.shard_map(loss, mesh=mesh(), in_specs=specs, out_specs=P())(x, w, labels)
+
+
+def test_sharded_linear_loss_names_the_global_index(rng):
+    """Row 5 lives on data shard 1 (local row 1), column 9 on model shard 2 (local column 1);
+    the mapped instance is the device's flat index in the 2 x 4 mesh."""
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    w = rng.standard_normal((D, V)).astype(np.float32)
+    labels = np.arange(N) * 2
+    f = checked(jax.jit(sharded_linear))
+    single = jaxce.linear_softmax_cross_entropy(x, w, labels, reduction="sum")
+    np.testing.assert_allclose(f(x, w, labels), single, rtol=1e-5)
+    bad = labels.copy()
+    bad[5] = V
+    with raises(f"labels[5] = {V} is outside [0, {V}) (ignore_index=None) (in mapped instance 4)"):
+        f(x, w, bad)
+    x[6, 1] = np.nan
+    with raises("x[6, 1] is nan (NaN and +-inf are not allowed) (in mapped instance 4)"):
+        f(x, w, labels)
+    x[6, 1] = 0.0
+    w[2, 9] = np.inf
+    with raises("w[2, 9] is inf (NaN and +-inf are not allowed) (in mapped instance 2)"):
+        f(x, w, labels)
+
+
+def test_sharded_integer_label_loss_names_the_global_index():
+    def loss(z, y):
+        return jaxce.softmax_cross_entropy_with_integer_labels(
+            z, y, reduction="sum", class_axis_name=MODEL, batch_axis_name=DATA
+        )
+
+    f = jax.jit(jax.shard_map(loss, mesh=mesh(), in_specs=(P(DATA, MODEL), P(DATA)),
+                              out_specs=P()))
+    labels = np.arange(N) * 2
+    np.testing.assert_allclose(checked(f)(np.zeros((N, V)), labels), N * np.log(V), rtol=1e-6)
+    labels[6] = -1
+    with raises(f"labels[6] = -1 is outside [0, {V}) (ignore_index=None) (in mapped instance 4)"):
+        checked(f)(np.zeros((N, V)), labels)
+
+
+def test_sharded_hooks_name_global_indices_and_sum_whole_rows():
+    """check_finite and check_distribution with a class axis and a batch axis split."""
+
+    def local(z, p):
+        check_finite("logits", z, class_axis_name=MODEL, batch_axis_name=DATA)
+        check_distribution("labels", p, class_axis_name=MODEL, batch_axis_name=DATA)
+        return jax.lax.psum(jnp.sum(z * p), (DATA, MODEL))
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh(), in_specs=(P(DATA, MODEL),) * 2, out_specs=P()))
+    z, p = np.zeros((N, V), np.float32), np.full((N, V), 1 / V, np.float32)
+    assert float(checked(f)(z, p)) == 0.0  # each shard holds a quarter of every row: still 1
+    z[5, 10] = np.nan
+    with raises("logits[5, 10] is nan (NaN and +inf are not allowed) (in mapped instance 6)"):
+        checked(f)(z, p)
+    q = p.copy()
+    q[5, 10], q[5, 11] = -1 / V, 3 / V  # the row still sums to 1
+    with raises("labels[5, 10] = -0.0625 is negative (in mapped instance 6)"):
+        checked(f)(np.zeros((N, V), np.float32), q)
+    q = p.copy()
+    q[6, 3] = 0.5
+    with raises("labels[6, :] sums to 1.4375, not 1 (tolerance 0.001) (in mapped instance 4)"):
+        checked(f)(np.zeros((N, V), np.float32), q)

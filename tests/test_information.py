@@ -447,3 +447,88 @@ def test_softmax_measures_finite_for_huge_logits(z):
     ):
         v, g = jax.value_and_grad(f)(zf)
         assert np.isfinite(float(v)) and np.isfinite(np.asarray(g)).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Masked entries holding NaN, inf or a negative number take no part, in value or gradient
+
+MASK_24 = np.array([[True, True, False, True], [False, True, True, True]])
+
+
+def masked_distribution(rng, mask):
+    """float64 probabilities over the unmasked entries of each row, 0 on the masked ones."""
+    x = rng.gamma(1.0, size=mask.shape) * mask
+    return x / x.sum(-1, keepdims=True)
+
+
+def masked_log_softmax(z, mask):
+    """float64 log-softmax over the unmasked entries of each row, 0 on the masked ones."""
+    lse = sp.logsumexp(np.where(mask, z, -np.inf), axis=-1, keepdims=True)
+    return np.where(mask, z - lse, 0.0)
+
+
+@pytest.mark.parametrize("junk", [np.nan, np.inf, -np.inf, -1.0])
+@pytest.mark.parametrize("base", [None, 2])
+def test_masked_junk_reaches_no_value_or_gradient(rng, junk, base):
+    m = MASK_24
+    p, q = masked_distribution(rng, m), masked_distribution(rng, m)
+    zp, zq = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    lp, lq = masked_log_softmax(zp, m), masked_log_softmax(zq, m)
+    sp_, sq = np.where(m, np.exp(lp), 0.0), np.where(m, np.exp(lq), 0.0)
+    log_p, log_q = np.log(np.where(m, p, 1.0)), np.log(np.where(m, q, 1.0))
+    h = -np.sum(p * log_p, -1)
+    kl = np.sum(p * (log_p - log_q), -1)
+    sh = -np.sum(sp_ * lp, -1)
+    skl = np.sum(sp_ * (lp - lq), -1)
+    cases = [  # (function, float64 inputs, value in nats, gradients in nats; 0 where masked)
+        (jaxce.entropy, (p,), h, (-(log_p + 1),)),
+        (jaxce.cross_entropy, (p, q), h + kl, (-log_q, -p / np.where(m, q, 1.0))),
+        (jaxce.kl_divergence, (p, q), kl, (log_p - log_q + 1, -p / np.where(m, q, 1.0))),
+        (jaxce.softmax_entropy, (zp,), sh, (-sp_ * (lp + sh[:, None]),)),
+        (jaxce.softmax_kl_divergence, (zp, zq), skl, (sp_ * (lp - lq - skl[:, None]), sq - sp_)),
+    ]
+    for f, args, value, grads in cases:
+        args = [np.where(m, a, junk).astype(np.float32) for a in args]
+        g = jax.grad(lambda *a: jnp.sum(f(*a, base=base, where=m)), range(len(args)))
+        np.testing.assert_allclose(f(*args, base=base, where=m), value / ln(base), **F32)
+        for got, want in zip(g(*args), grads):
+            np.testing.assert_array_equal(np.asarray(got)[~m], 0.0)
+            np.testing.assert_allclose(got, np.where(m, want, 0.0) / ln(base), rtol=1e-5, atol=1e-6)
+    # A batch-shaped mask drops whole rows: a row of junk gives 0 and a zero gradient.
+    junk_row = np.stack([p[0], np.full(4, junk)]).astype(np.float32)
+    rows = np.array([True, False])
+    v, g = jax.value_and_grad(lambda p: jnp.sum(jaxce.entropy(p, where=rows)))(junk_row)
+    np.testing.assert_allclose(v, h[0], **F32)
+    np.testing.assert_array_equal(np.asarray(g)[1], 0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Empty batches and empty class axes: empty results, and 0 for a sum over no classes
+
+EMPTY = [((0, 3), -1), ((3, 0), 0), ((2, 0), -1), ((0, 0), -1), ((0,), -1), ((2, 0, 3), (1, 2))]
+MEASURES = [
+    (jaxce.entropy, 1),
+    (jaxce.cross_entropy, 2),
+    (jaxce.kl_divergence, 2),
+    (jaxce.softmax_entropy, 1),
+    (jaxce.softmax_kl_divergence, 2),
+]
+
+
+@pytest.mark.parametrize("shape,axis", EMPTY)
+@pytest.mark.parametrize("masked", [False, True])
+def test_empty_inputs(shape, axis, masked):
+    x = jnp.full(shape, 0.5)
+    where = jnp.ones(shape, bool) if masked else None
+    axes = tuple(a % len(shape) for a in ((axis,) if isinstance(axis, int) else axis))
+    batch = tuple(d for i, d in enumerate(shape) if i not in axes)
+    for f, arity in MEASURES:
+        out = f(*[x] * arity, axis, where=where)
+        assert out.shape == batch and out.dtype == jnp.float32, f.__name__
+        np.testing.assert_array_equal(out, np.zeros(batch), err_msg=f.__name__)
+        grads = jax.grad(lambda *a: jnp.sum(f(*a, axis, where=where)), range(arity))(*[x] * arity)
+        for g in grads:
+            assert g.shape == shape and np.isfinite(np.asarray(g)).all(), f.__name__
+    out = jaxce.information(x, base=2)
+    assert out.shape == shape and out.dtype == jnp.float32
+    assert jax.grad(lambda x: jnp.sum(jaxce.information(x)))(x).shape == shape

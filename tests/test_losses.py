@@ -721,9 +721,10 @@ BAD = [
     (lambda: ce_int(Z, L, label_smoothing="0.1"), TypeError, r"label_smoothing must be a Python number"),
     (lambda: ce_soft(Z, Y, z_loss=-1e-4), ValueError, r"z_loss must be in \[0, inf\), got -0.0001"),
     (lambda: ce_int(Z, L, z_loss=float("nan")), ValueError, r"z_loss must be in \[0, inf\), got nan"),
-    (lambda: ce_soft(Z, Y, logit_softcap=0.0), ValueError, r"logit_softcap must be finite and > 0, got 0.0"),
-    (lambda: ce_int(Z, L, logit_softcap=-30), ValueError, r"logit_softcap must be finite and > 0, got -30"),
-    (lambda: ce_int(Z, L, logit_softcap=float("inf")), ValueError, r"logit_softcap must be finite"),
+    (lambda: ce_soft(Z, Y, logit_softcap=0.0), ValueError, r"logit_softcap must be in \(0, 2\*\*100 = 1.3e30\], got 0.0"),
+    (lambda: ce_int(Z, L, logit_softcap=-30), ValueError, r"logit_softcap must be in \(0, 2\*\*100 = 1.3e30\], got -30"),
+    (lambda: ce_int(Z, L, logit_softcap=3e38), ValueError, r"logit_softcap must be in .*got 3e\+38"),
+    (lambda: ce_int(Z, L, logit_softcap=float("inf")), ValueError, r"logit_softcap must be in .*got inf"),
     (lambda: ce_int(Z, L, logit_softcap="30"), TypeError, r"logit_softcap must be a Python number or None"),
     (lambda: ce_int(Z, L, class_weights=jnp.ones(4)), ValueError, r"class_weights shape \(4,\) does not match the 3 classes"),
     (lambda: ce_soft(Z, Y, class_weights=jnp.ones(2)), ValueError, r"class_weights shape \(2,\) does not match the 3 classes"),
@@ -952,6 +953,28 @@ def test_integer_loss_writes_no_copy_of_the_logits(dtype):
             assert temp <= 2 * 4 * 256 * 2048 + 64 * 256, (opts, temp)
 
 
+
+@pytest.mark.parametrize("integer", [True, False], ids=["integer", "soft"])
+@pytest.mark.parametrize("opts", [
+    dict(where="class"), dict(where="row"), dict(logit_softcap=30.0),
+    dict(where="class", logit_softcap=30.0, label_smoothing=0.1),
+], ids=["where-class", "where-example", "softcap", "where+softcap+smoothing"])
+def test_options_keep_block_sized_scratch(integer, opts):
+    """Masks and softcaps select logits that several passes share, which XLA:CPU writes out
+    whole; in row blocks that scratch is a few 4 MiB blocks, not an [N, V] float32 array.
+    Label smoothing with a mask or softcap still shares them (README): at most two arrays."""
+    n, v = 4096, 4096  # the [N, V] float32 logits: 64 MiB
+    masks = {"class": jnp.ones(v, bool), "row": jnp.ones(n, bool)}
+    kw = {**opts, "where": masks.get(opts.get("where"))}
+    z = jax.ShapeDtypeStruct((n, v), jnp.float32)
+    y = jax.ShapeDtypeStruct((n,) if integer else (n, v), jnp.int32 if integer else jnp.float32)
+    f = ce_int if integer else ce_soft
+    step = jax.jit(jax.value_and_grad(lambda z, y: f(z, y, reduction="mean", **kw)))
+    temp = step.lower(z, y).compile().memory_analysis().temp_size_in_bytes
+    smoothing_shares = "label_smoothing" in opts
+    bound = 2 * 4 * n * v + 8 * 2**20 if smoothing_shares else 7 * 4 * 2**20  # 80 MiB before
+    assert temp <= bound, temp
+
 def test_class_weights_mean_is_pytorch_weighted_mean(rng):
     # PyTorch: sum_n w[y_n] * l_n / sum_n w[y_n] over the non-ignored n.
     z = rng.normal(size=(4, 3)).astype(np.float32)
@@ -1098,6 +1121,161 @@ def test_nll_on_arbitrary_log_probs(rng):
     lp3 = rng.normal(size=(2, 2, 3)).astype(np.float32)
     out = jaxce.nll_loss(lp3, np.array([5, 1]), axis=(1, 2))
     np.testing.assert_allclose(out, [-lp3[0, 1, 2], -lp3[1, 0, 1]], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Hardening (issue 10): inputs the tests of the options did not choose.
+
+INT_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32]
+
+
+def softmax_rows(z):
+    return sp.softmax(f64(z), axis=-1)
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("num_classes", [5, 200, 256, 300])
+@pytest.mark.parametrize("ignore_index", [None, -100, 255])
+def test_every_integer_label_dtype_compares_exactly(dtype, num_classes, ignore_index):
+    """K, the class offset and ignore_index are never converted into the labels' dtype
+    (uint8: K = 256 would be 0 and -100 would be 156)."""
+    top = min(num_classes, int(np.iinfo(dtype).max) + 1)
+    labels = np.array([top - 1, 0, min(156, top - 1), 3], dtype)
+    z = np.random.default_rng(num_classes).normal(size=(4, num_classes)).astype(np.float32)
+    ignored = np.zeros(4, bool) if ignore_index is None else labels.astype(int) == ignore_index
+    p = softmax_rows(z)
+    onehot = np.eye(num_classes)[labels.astype(int)]
+    expected = np.where(ignored, 0.0, -np.log(np.sum(p * onehot, -1)))
+    out = ce_int(z, labels, ignore_index=ignore_index)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    g = jax.grad(lambda z: ce_int(z, labels, ignore_index=ignore_index).sum())(z)
+    np.testing.assert_allclose(g, (p - onehot) * ~ignored[:, None], atol=1e-6)
+    x, w = np.eye(4, dtype=np.float32), np.zeros((4, num_classes), np.float32)
+    w[:, :] = z  # x @ w == z
+    fused = jaxce.linear_softmax_cross_entropy(
+        x, w, labels, ignore_index=ignore_index, reduction="none", block_size=3
+    )
+    np.testing.assert_allclose(fused, expected, rtol=1e-5)
+
+
+def test_labels_beyond_int32_are_out_of_range_never_another_class():
+    z = np.zeros((2, 3), np.float32)
+    out = ce_int(z, np.array([2**32 - 1, 1], np.uint32), ignore_index=-1)
+    assert np.isnan(out[0]) and out[1] == pytest.approx(math.log(3))  # not ignored: NaN
+    with pytest.raises(ValueError, match="4294967297.*beyond int32"):
+        ce_int(z, np.array([2**32 + 1, 0], np.int64))  # JAX would truncate it to class 1
+    with jax.enable_x64():
+        out = ce_int(z, np.array([2**32 + 1, 0], np.int64))
+        assert np.isnan(out[0]) and out[1] == pytest.approx(math.log(3))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_soft_labels_with_softcap_see_neg_inf_logits(eps):
+    """The softcap maps -inf to the finite -c: the fast sums cannot tell an impossible class."""
+    z = jnp.array([[0.5, -jnp.inf, -jnp.inf], [0.0, -jnp.inf, 1.0]])
+    y = jnp.array([[1.0, 0.0, 0.0], [0.5, 0.0, 0.5]])
+    out = ce_soft(z, y, logit_softcap=30.0, label_smoothing=eps)
+    zc = 30.0 * np.tanh(np.array([0.0, 1.0]) / 30.0)
+    t = (1 - eps) * np.array([0.5, 0.5]) + eps / 2
+    np.testing.assert_allclose(out, [0.0, -np.sum(t * (zc - sp.logsumexp(zc)))], rtol=1e-6)
+    assert np.isposinf(ce_soft(jnp.array([[0.0, -jnp.inf]]), jnp.array([[0.5, 0.5]]),
+                               logit_softcap=30.0))[0]
+
+
+def test_class_weight_zero_on_every_label_with_smoothing_has_an_undefined_mean():
+    z = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]], np.float32)
+    kw = dict(class_weights=jnp.array([0.0, 1.0, 1.0]), label_smoothing=0.2)
+    total = ce_int(z, np.array([0, 0]), reduction="sum", **kw)
+    assert total > 0  # the smoothing's mass on classes 1 and 2
+    mean, g = jax.value_and_grad(lambda z: ce_int(z, np.array([0, 0]), reduction="mean", **kw))(z)
+    assert np.isnan(mean) and np.all(np.isnan(g))  # x / 0, not a silent 0
+    # Nothing counted at all (0 / 0) is still 0, with a zero gradient.
+    v, g = jax.value_and_grad(
+        lambda z: ce_int(z, np.array([0, 0]), reduction="mean", ignore_index=0, **kw))(z)
+    assert v == 0.0 and np.all(g == 0.0)
+
+
+@pytest.mark.parametrize("zl", [0.0, 0.1])
+def test_aux_z_loss_of_a_fully_masked_row_is_zero(zl):
+    z = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]], np.float32)
+    _, aux = ce_int(z, np.array([0, 0]), where=np.array([True, False]), z_loss=zl, return_aux=True)
+    lse = sp.logsumexp(f64(z[0]))
+    np.testing.assert_allclose(aux["z_loss"], [zl * lse**2, 0.0], rtol=1e-6)
+    out, aux = jaxce.linear_softmax_cross_entropy(  # every class masked: every row
+        np.eye(2, 3, dtype=np.float32), np.ones((3, 3), np.float32), np.array([0, 0]),
+        where=np.zeros(3, bool), z_loss=zl, return_aux=True, reduction="sum")
+    assert out == 0.0
+    np.testing.assert_array_equal(aux["z_loss"], [0.0, 0.0])
+
+
+def test_all_neg_inf_row_with_a_label_has_probability_zero():
+    z = np.array([[-np.inf] * 3, [0.0, 0.0, 1.0]], np.float32)
+    labels = np.array([0, 0])
+    out, aux = ce_int(z, labels, return_aux=True)
+    assert np.isposinf(out[0]) and out[1] == pytest.approx(float(np_ref(z[1:], labels[1:],
+                                                                         integer=True)[0]))
+    np.testing.assert_array_equal(aux["correct"], [False, False])
+    g = jax.grad(lambda z: ce_int(z, labels).sum())(z)
+    np.testing.assert_array_equal(g[0], 0.0)
+    np.testing.assert_allclose(g[1], softmax_rows(z[1]) - [1, 0, 0], atol=1e-6)
+    nll = jaxce.nll_loss(jaxce.log_softmax(z), labels)
+    assert np.isposinf(nll[0])  # as the NLL of the log-softmax says
+    assert np.isposinf(ce_soft(z, np.eye(3, dtype=np.float32)[labels])[0])
+
+
+def test_nan_sample_weight_on_an_ignored_row_takes_no_part():
+    z = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]], np.float32)
+    labels = np.array([-100, 2])
+    sw = np.array([np.nan, 2.0], np.float32)
+    f = lambda z, sw: ce_int(z, labels, ignore_index=-100, sample_weights=sw, reduction="mean")
+    out, (gz, gsw) = jax.value_and_grad(f, argnums=(0, 1))(z, sw)
+    np.testing.assert_allclose(out, np_ref(z[1:], labels[1:], integer=True)[0], rtol=1e-6)
+    np.testing.assert_array_equal(gz[0], 0.0)
+    assert gsw[0] == 0.0 and np.isfinite(gsw[1])
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 100])
+def test_out_of_range_label_has_a_nan_loss_and_a_nan_gradient(bad):
+    z = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]], np.float32)
+    labels = np.array([bad, 2])
+    for loss in (lambda z: ce_int(z, labels),
+                 lambda z: jaxce.nll_loss(jaxce.log_softmax(z), labels)):
+        out = loss(z)
+        g = jax.grad(lambda z: loss(z).sum())(z)
+        assert np.isnan(out[0]) and np.all(np.isnan(g[0])), (out, g)
+        np.testing.assert_allclose(g[1], softmax_rows(z[1]) - [0, 0, 1], atol=1e-6)
+    # The fused loss: dw = x^T dz mixes the rows, so the NaN row reaches all of dw (as x @ w's).
+    fused = lambda w: jaxce.linear_softmax_cross_entropy(jnp.eye(2), w, labels, reduction="none")
+    out, g = fused(z), jax.grad(lambda w: fused(w).sum())(z)
+    assert np.isnan(out[0]) and np.isfinite(out[1]) and np.all(np.isnan(g))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_batches(reduction):
+    empty_z = np.zeros((0, 3), np.float32)
+    cases = [
+        lambda z: ce_int(z, np.zeros(0, np.int32), reduction=reduction, label_smoothing=0.1),
+        lambda z: ce_soft(z, np.zeros((0, 3), np.float32), reduction=reduction),
+        lambda z: jaxce.nll_loss(z, np.zeros(0, np.int32), reduction=reduction),
+        lambda z: ce_int(z.astype(jnp.bfloat16), np.zeros(0, np.int32), reduction=reduction),
+    ]
+    for f in cases:
+        out = f(empty_z)
+        assert out.shape == ((0,) if reduction == "none" else ())
+        if reduction != "none":
+            assert out == 0.0
+        g = jax.grad(lambda z: jnp.sum(f(z)))(empty_z)
+        assert g.shape == (0, 3)
+    x, w = np.zeros((2, 0, 4), np.float32), np.ones((4, 3), np.float32)
+    out = jaxce.linear_softmax_cross_entropy(x, w, np.zeros((2, 0), int), reduction=reduction)
+    assert out.shape == ((2, 0) if reduction == "none" else ())
+
+
+def test_no_classes_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"logits have no classes: axis -1 of shape \(2, 0\)"):
+        ce_int(np.zeros((2, 0), np.float32), np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="no classes"):
+        ce_soft(np.zeros((2, 0), np.float32), np.zeros((2, 0), np.float32))
 
 
 # ------------------------------------------------------------------------------------------
@@ -1265,3 +1443,127 @@ def test_bce_pos_weight_closed_form_gradient():
     s = sp.expit(np.array([0.3, -1.0]))
     yy = np.array([1.0, 0.25])
     np.testing.assert_allclose(g, s * (beta * yy + 1 - yy) - beta * yy, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# sigmoid_binary_cross_entropy: masked elements take no part, whatever they hold
+
+SIGMOID_MASK = np.array([[True, False, True], [False, True, True]])
+
+
+@pytest.mark.parametrize("junk", [np.nan, np.inf, -np.inf, -1.0])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_sigmoid_where_masks_junk_in_value_and_gradient(rng, junk, reduction):
+    m = SIGMOID_MASK
+    params = {
+        "z": rng.normal(size=(2, 3)) * 2,
+        "y": rng.random((2, 3)),
+        "beta": np.array([[2.0, 1.0, 0.5], [1.0, 3.0, 0.25]]),
+        "sw": rng.random((2, 3)) + 0.5,
+    }
+    junky = {k: jnp.asarray(np.where(m, v, junk), jnp.float32) for k, v in params.items()}
+    opts = dict(eps=0.1, mask=m, reduction=reduction, base=2)
+    f = lambda p: jnp.sum(
+        bce(p["z"], p["y"], pos_weight=p["beta"], sample_weights=p["sw"], where=m,
+            label_smoothing=0.1, reduction=reduction, base=2)
+    )
+    value, grads = jax.value_and_grad(f)(junky)
+    # The float64 reference sees finite values (0.5) in the masked elements: they take no part.
+    with jax.enable_x64(True):
+        filled = {k: jnp.asarray(np.where(m, v, 0.5)) for k, v in params.items()}
+        ref = lambda p: jnp.sum(ref_bce(jnp, p["z"], p["y"], beta=p["beta"], sw=p["sw"], **opts))
+        ref_value, ref_grads = jax.value_and_grad(ref)(filled)
+    np.testing.assert_allclose(value, float(ref_value), rtol=1e-6)
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(grads[k])[~m], 0.0, err_msg=k)
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_sigmoid_checked_mode_skips_masked_elements():
+    z = np.array([0.5, np.nan, -1.0], np.float32)
+    y = np.array([1.0, 2.0, 0.0], np.float32)
+    m = np.array([True, False, True])
+    out = jaxce.checked(bce)(z, y, where=m)
+    np.testing.assert_allclose(out, [np.logaddexp(0, -0.5), 0.0, np.logaddexp(0, -1.0)], rtol=1e-6)
+    with pytest.raises(jaxce.CheckError, match=r"logits\[1\] is nan"):
+        jaxce.checked(bce)(z, np.array([1.0, 0.0, 0.0], np.float32))
+    with pytest.raises(jaxce.CheckError, match=r"labels\[1\] = 2 is outside \[0, 1\]"):
+        jaxce.checked(bce)(np.zeros(3, np.float32), y, where=~m)
+
+
+# ------------------------------------------------------------------------------------------
+# Option values: any concrete real scalar (Python, NumPy, JAX); no bool, string, array or tracer
+
+Z_OPT = np.array([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]], np.float32)
+L_OPT = np.array([1, 2], np.int32)
+Y_OPT = np.array([[0.2, 0.5, 0.3], [0.0, 0.1, 0.9]], np.float32)
+X_LIN = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(4, 3)
+W_LIN = np.linspace(-2.0, 1.0, 15, dtype=np.float32).reshape(3, 5)
+LABELS_LIN = np.array([0, 4, 2, 1], np.int32)
+
+
+def linear_with(**option):
+    """Value and gradients of the fused loss (gradient_filter only shows in the gradients)."""
+    f = lambda x, w: jaxce.linear_softmax_cross_entropy(x, w, LABELS_LIN, reduction="sum", **option)
+    return jax.value_and_grad(f, (0, 1))(X_LIN, W_LIN)
+
+
+STATIC_OPTIONS = [  # (option, call with a value, a fractional value or None, an integer value)
+    ("label_smoothing", lambda v: ce_int(Z_OPT, L_OPT, label_smoothing=v), 0.25, 0),
+    ("label_smoothing", lambda v: bce(Z_OPT, Y_OPT, label_smoothing=v), 0.25, 0),
+    ("z_loss", lambda v: ce_soft(Z_OPT, Y_OPT, z_loss=v), 0.25, 1),
+    ("logit_softcap", lambda v: ce_int(Z_OPT, L_OPT, logit_softcap=v), 1.5, 2),
+    ("base", lambda v: ce_soft(Z_OPT, Y_OPT, base=v), 2.5, 2),
+    ("base", lambda v: bce(Z_OPT, Y_OPT, base=v), 2.5, 2),
+    ("base", lambda v: jaxce.entropy(Y_OPT, base=v), 2.5, 10),
+    ("gradient_filter", lambda v: linear_with(gradient_filter=v), 0.25, 1),
+    ("block_size", lambda v: linear_with(block_size=v), None, 3),
+    ("ignore_index", lambda v: ce_int(Z_OPT, L_OPT, ignore_index=v), None, 1),
+    ("ignore_index", lambda v: linear_with(ignore_index=v), None, 4),
+]
+OPTION_IDS = [f"{o[0]}-{i}" for i, o in enumerate(STATIC_OPTIONS)]
+REAL_KINDS = {
+    "np.float32": np.float32,
+    "np.float64": np.float64,
+    "np 0-d": np.array,
+    "jnp.float32": jnp.float32,
+    "jnp 0-d": jnp.asarray,
+}
+INT_KINDS = {
+    "python int": int,
+    "np.int64": np.int64,
+    "np.int32": np.int32,
+    "np 0-d int": lambda v: np.array(v, np.int64),
+    "jnp.int32": jnp.int32,
+    "jnp 0-d int": jnp.asarray,
+}
+
+
+@pytest.mark.parametrize("option", STATIC_OPTIONS, ids=OPTION_IDS)
+def test_option_values_accept_concrete_real_scalars(option):
+    name, call, fractional, integer = option
+    cases = [(kind(integer), integer) for kind in INT_KINDS.values()]
+    if fractional is not None:  # a real option: also every float kind, and the int as a float
+        cases += [(kind(fractional), fractional) for kind in REAL_KINDS.values()]
+        cases = [(value, float(plain)) for value, plain in cases]
+    for value, plain in cases:
+        jax.tree.map(np.testing.assert_array_equal, call(value), call(plain))
+
+
+@pytest.mark.parametrize("option", STATIC_OPTIONS, ids=OPTION_IDS)
+def test_option_values_reject_bools_strings_arrays(option):
+    name, call, fractional, integer = option
+    bad = [True, np.bool_(False), jnp.asarray(True), str(integer), np.array([integer] * 2),
+           jnp.asarray([integer] * 2), complex(integer, 1)]
+    if fractional is None:  # an integer option: no float, even an integral one
+        bad += [2.5, float(integer), np.float32(integer), jnp.float32(integer)]
+    for value in bad:
+        with pytest.raises(TypeError, match=f"^{name} must be a Python (number|int)"):
+            call(value)
+
+
+@pytest.mark.parametrize("option", STATIC_OPTIONS, ids=OPTION_IDS)
+def test_option_traced_value_is_rejected_as_not_static(option):
+    name, call, fractional, integer = option
+    with pytest.raises(TypeError, match=f"^{name} must be static .* got the traced value"):
+        jax.jit(call)(integer if fractional is None else fractional)

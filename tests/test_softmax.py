@@ -370,3 +370,77 @@ BAD = [
 def test_bad_input_raises(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------
+# Masked entries holding NaN or inf take no part; empty batches and empty class axes
+
+MASK_24 = np.array([[True, True, False, True], [False, True, True, False]])
+
+
+@pytest.mark.parametrize("junk", [np.nan, np.inf, -np.inf, 1e30])
+def test_masked_junk_reaches_no_value_or_gradient(rng, junk):
+    x = np.where(MASK_24, rng.normal(size=(2, 4)), junk).astype(np.float32)
+    c = rng.normal(size=(2, 4)).astype(np.float32)
+    xm = masked_np(x, MASK_24)
+    p = sp.softmax(xm, axis=-1)
+    cm = np.where(MASK_24, c, 0.0)
+    log_p = np.where(MASK_24, xm - sp.logsumexp(xm, axis=-1, keepdims=True), 0.0)
+    cases = [  # (function, float64 value, float64 gradient of its sum)
+        (lambda x: jaxce.logsumexp(x, where=MASK_24), sp.logsumexp(xm, axis=-1), p),
+        (
+            lambda x: c * jaxce.softmax(x, where=MASK_24),
+            c * p,
+            p * (c - np.sum(p * c, -1, keepdims=True)),
+        ),
+        (
+            lambda x: jnp.where(MASK_24, cm * jaxce.log_softmax(x, where=MASK_24), 0.0),
+            cm * log_p,
+            cm - p * cm.sum(-1, keepdims=True),
+        ),
+    ]
+    for f, value, grad in cases:
+        np.testing.assert_allclose(f(x), value, **F32)
+        g = np.asarray(jax.grad(lambda x: jnp.sum(f(x)))(x))
+        np.testing.assert_array_equal(g[~MASK_24], 0.0)
+        np.testing.assert_allclose(g, grad, rtol=1e-5, atol=1e-6)
+
+
+EMPTY = [  # (shape, axis): an empty batch, K = 0, or both
+    ((0, 3), -1),
+    ((3, 0), 0),
+    ((2, 0), -1),
+    ((0, 0), -1),
+    ((0,), -1),
+    ((2, 0, 3), (1, 2)),
+]
+
+
+@pytest.mark.parametrize("shape,axis", EMPTY)
+@pytest.mark.parametrize("masked", [False, True])
+def test_empty_inputs(shape, axis, masked):
+    x = jnp.zeros(shape)
+    where = jnp.ones(shape, bool) if masked else None
+    axes = tuple(a % len(shape) for a in ((axis,) if isinstance(axis, int) else axis))
+    batch = tuple(d for i, d in enumerate(shape) if i not in axes)
+    classes = tuple(shape[i] for i in axes)
+    # logsumexp of no classes is log 0 = -inf, as jax.nn.logsumexp gives.
+    lse = jaxce.logsumexp(x, axis, where=where)
+    assert lse.shape == batch and lse.dtype == jnp.float32
+    np.testing.assert_array_equal(lse, np.full(batch, -np.inf))
+    np.testing.assert_array_equal(lse, jax.nn.logsumexp(x, axis))
+    kept = jaxce.logsumexp(x, axis, where=where, keepdims=True)
+    assert kept.shape == tuple(1 if i in axes else d for i, d in enumerate(shape))
+    for f in (jaxce.softmax, jaxce.log_softmax):
+        out = f(x, axis, where=where)
+        assert out.shape == shape and out.dtype == jnp.float32
+    assert jaxce.softmax_jacobian(x, axis).shape == batch + classes + classes
+    funcs = [
+        lambda x: jaxce.logsumexp(x, axis, where=where),
+        lambda x: jaxce.softmax(x, axis, where=where),
+        lambda x: jaxce.log_softmax(x, axis, where=where),
+        lambda x: jaxce.softmax_jacobian(x, axis),
+    ]
+    for f in funcs:
+        g = jax.grad(lambda x: jnp.sum(f(x)))(x)
+        assert g.shape == shape and np.isfinite(np.asarray(g)).all()
