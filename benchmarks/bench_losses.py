@@ -26,9 +26,11 @@ Usage::
 
     python benchmarks/bench_losses.py            # N=4096, V=32768 (a few minutes on 2 cores)
     python benchmarks/bench_losses.py --quick    # N=256: a smoke run
+    python benchmarks/bench_losses.py --memory   # temp memory of every option combination
 """
 
 import argparse
+import itertools
 import shlex
 import statistics
 import sys
@@ -95,6 +97,28 @@ def fmt_ratio(num, den):
     return f"{num / den:.2f}"
 
 
+def option_memory(n, v):
+    """temp_size_in_bytes of jit(value_and_grad(mean loss)) for each combination of the
+    options that select logits (where, softcap) with label smoothing, against the [N, V]
+    float32 array (README, "Performance")."""
+    print(f"temp memory of jit(value_and_grad), N={n} V={v}; the [N, V] float32 array is "
+          f"{fmt_bytes(4 * n * v)} MiB; backend {jax.default_backend()}")
+    header = f"{'labels':<8}{'dtype':<10}{'where':<8}{'softcap':<9}{'smoothing':<11}{'MiB':>9}"
+    lines = [header, "-" * len(header)]
+    print(*lines, sep="\n", flush=True)
+    masks = {"class": jnp.ones(v, bool), "example": jnp.ones(n, bool), None: None}
+    for soft, dtype in itertools.product((False, True), (jnp.float32, jnp.bfloat16)):
+        z, y = make_inputs(n, v, dtype, soft)
+        for where, cap, eps in itertools.product(masks, (None, 30.0), (0.0, 0.1)):
+            options = dict(where=masks[where], logit_softcap=cap, label_smoothing=eps)
+            _, temp = compile_step(mean_loss("jaxce-soft" if soft else "jaxce-int", options), z, y)
+            line = (f"{'soft' if soft else 'int':<8}{jnp.dtype(dtype).name:<10}{str(where):<8}"
+                    f"{str(cap):<9}{eps:<11}{fmt_bytes(temp):>9}")
+            lines.append(line)
+            print(line, flush=True)
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="N=256 and fewer repeats (smoke run)")
@@ -103,7 +127,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed pairs per row (default 9)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each function")
     parser.add_argument("--only", default=None, help="run only rows whose name contains this")
+    parser.add_argument(
+        "--memory", action="store_true",
+        help="instead: temp memory of every option combination (compiles only; default N=1024, V=8192)",
+    )
     args = parser.parse_args(argv)
+    if args.memory:
+        return option_memory(args.n or 1024, args.v if args.v != 32768 else 8192)
     n = args.n or (256 if args.quick else 4096)
     v = args.v
     repeats = args.repeats or (5 if args.quick else 9)
