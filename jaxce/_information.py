@@ -65,6 +65,13 @@ def information(p: ArrayLike, *, base: float | None = None) -> jax.Array:
 
     Rare events carry more information; :math:`I(0) = +\infty`.
 
+    Args:
+      p: probabilities (any shape).
+      base: logarithm base (``None`` nats, ``2`` bits, ``10`` hartleys).
+
+    Returns:
+      :math:`-\log_b p` elementwise, in float32 (or wider).
+
     Examples:
       >>> import jax.numpy as jnp, jaxce
       >>> print(jaxce.information(jnp.array([0.7, 0.2, 0.1]), base=10))
@@ -113,6 +120,13 @@ def cross_entropy(
 ) -> jax.Array:
     r"""Cross-entropy :math:`H(p, q) = -\sum_i p_i \log_b q_i = H(p) + D_{KL}(p \| q)`.
 
+    Args:
+      p: probabilities along ``axis``.
+      q: probabilities along ``axis``, broadcastable with ``p``.
+      axis: axis or axes that hold the outcomes.
+      base: logarithm base (``None`` nats, ``2`` bits, ``10`` hartleys).
+      where: boolean mask broadcastable to ``p``; masked entries take no part.
+
     Examples:
       >>> import jax.numpy as jnp, jaxce
       >>> q = jnp.array([0.7, 0.2, 0.1])
@@ -135,7 +149,15 @@ def kl_divergence(
     r"""Kullback-Leibler divergence :math:`D_{KL}(p \| q) = \sum_i p_i (\log_b p_i - \log_b q_i)`.
 
     0 when :math:`p = q`, never negative, not symmetric; :math:`+\infty` where
-    :math:`p_i > 0 = q_i`.
+    :math:`p_i > 0 = q_i`. (``optax.kl_divergence(log_predictions, targets)`` takes the
+    opposite order, on log-probabilities.)
+
+    Args:
+      p: probabilities along ``axis``.
+      q: probabilities along ``axis``, broadcastable with ``p``.
+      axis: axis or axes that hold the outcomes.
+      base: logarithm base (``None`` nats, ``2`` bits, ``10`` hartleys).
+      where: boolean mask broadcastable to ``p``; masked entries take no part.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -161,6 +183,12 @@ def softmax_entropy(
     :math:`-\infty` logits (impossible classes) are allowed: their term is exactly 0, in value
     and gradient, and no :math:`\log 0` is ever taken.
 
+    Args:
+      logits: floating logits; ``axis`` holds the classes.
+      axis: axis or axes that hold the classes.
+      base: logarithm base (``None`` nats, ``2`` bits, ``10`` hartleys).
+      where: boolean mask broadcastable to the logits; masked classes take no part.
+
     Examples:
       >>> import jax.numpy as jnp, jaxce
       >>> print(jaxce.softmax_entropy(jnp.array([0.0, 0.0, -jnp.inf]), base=2))
@@ -182,6 +210,12 @@ def softmax_kl_divergence(
     where: ArrayLike | None = None,
 ) -> jax.Array:
     r""":math:`D_{KL}(\operatorname{softmax}(z_p) \| \operatorname{softmax}(z_q))` from the logits.
+
+    Args:
+      p_logits, q_logits: floating logits of the two distributions, broadcastable.
+      axis: axis or axes that hold the classes.
+      base: logarithm base (``None`` nats, ``2`` bits, ``10`` hartleys).
+      where: boolean mask broadcastable to the logits; masked classes take no part.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce

@@ -533,6 +533,8 @@ def linear_softmax_cross_entropy(
       the gradients themselves, or O(N) statistics. The matmuls run in the inputs' dtype with
       float32 accumulation (``preferred_element_type``); the gradient of ``w`` is accumulated
       in float32 (a ``[D, V]`` float32 buffer for bf16 ``w``) and returned in ``w``'s dtype.
+      Forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for its custom VJP: use
+      reverse mode.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce

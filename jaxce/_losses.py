@@ -892,6 +892,13 @@ def _in_place_loss(
     return finish(loss, lse, correct, labels, counted, class_weights, sample_weights, opts)
 
 
+def _with_option_doc(fn):
+    """Put the options shared by both softmax cross-entropies (``_OPTION_DOC``) into ``fn``'s
+    docstring at ``{options}``: a docstring must be a literal, so it cannot be concatenated."""
+    fn.__doc__ = fn.__doc__.replace("{options}\n", _OPTION_DOC.lstrip("\n"))
+    return fn
+
+
 _OPTION_DOC = r"""
       where: boolean mask broadcastable to ``logits`` (a mask of the batch shape masks whole
         examples, as in optax). Masked classes take no part; a fully masked example has loss 0,
@@ -925,6 +932,7 @@ _OPTION_DOC = r"""
 """
 
 
+@_with_option_doc
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -948,7 +956,7 @@ def softmax_cross_entropy(
       logits: floating logits; ``axis`` holds the K classes.
       labels: probabilities of the same shape (differentiable: distillation works).
       axis: the class axis or axes (several are flattened, C order).
-    """ + _OPTION_DOC + r"""
+{options}
     Returns:
       The loss in float32 (or wider): per example (the batch shape) or a scalar; with
       ``return_aux`` the pair ``(loss, aux)``.
@@ -959,6 +967,9 @@ def softmax_cross_entropy(
       labels and the logsumexp. A :math:`-\infty` logit whose label is 0 gives a finite loss
       and zero gradient (optax gives NaN there); a :math:`+\infty` logit gives NaN.
       bf16/f16 logits are computed in float32; the gradient has the logits' dtype.
+      Forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP and raises
+      JAX's error; use reverse mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``);
+      ``jax.hessian`` (forward over reverse) works.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
@@ -991,6 +1002,7 @@ def softmax_cross_entropy(
     return _in_place_loss(z, y, mask, None, batch_shape, class_weights, sample_weights, opts)
 
 
+@_with_option_doc
 def softmax_cross_entropy_with_integer_labels(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -1018,7 +1030,7 @@ def softmax_cross_entropy_with_integer_labels(
       axis: the class axis or axes.
       ignore_index: examples whose label equals it get loss 0 and gradient 0, and do not
         count in ``"mean"``.
-    """ + _OPTION_DOC + r"""
+{options}
     Returns:
       The loss in float32 (or wider): per example or a scalar; with ``return_aux`` the pair
       ``(loss, aux)``. With ``class_weights`` and ``"mean"`` the mean divides by the sum of
@@ -1035,12 +1047,15 @@ def softmax_cross_entropy_with_integer_labels(
       :math:`-\infty`, has probability 0 and gives :math:`+\infty` (gradient 0). A
       :math:`-\infty` logit is an impossible class, treated like a masked one: label
       smoothing puts no mass on it.
+      Forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP and raises
+      JAX's error; use reverse mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``);
+      ``jax.hessian`` (forward over reverse) works.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce
       >>> logits = jnp.array([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
-      >>> print(jaxce.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1])))
-      [0.407606 1.407606]
+      >>> print(jaxce.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1])).round(5))
+      [0.40761 1.40761]
       >>> print(jaxce.softmax_cross_entropy_with_integer_labels(
       ...     logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean"))
       0.407606
