@@ -1,5 +1,6 @@
 """jaxce: numerically stable softmax, information measures and cross-entropy losses for JAX."""
 
+from . import losses as losses  # optax.losses' names and signatures, over the kernels below
 from ._checked import CheckError as CheckError
 from ._checked import checked as checked
 from ._information import cross_entropy as cross_entropy
@@ -22,3 +23,25 @@ from ._softmax import softmax as softmax
 from ._softmax import softmax_jacobian as softmax_jacobian
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckError",
+    "checked",
+    "cross_entropy",
+    "entropy",
+    "information",
+    "kl_divergence",
+    "linear_softmax_cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "losses",
+    "nll_loss",
+    "sigmoid_binary_cross_entropy",
+    "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_hvp",
+    "softmax_cross_entropy_with_integer_labels",
+    "softmax_entropy",
+    "softmax_jacobian",
+    "softmax_kl_divergence",
+]

@@ -869,6 +869,13 @@ def _logits_in_rows(logits, axis, where, opts: Options, name="logits"):
     logits = jnp.asarray(logits)
     check_floating(name, logits)
     axes = canonical_axes(axis, logits.ndim)
+    if opts.spec.class_axis_name is not None and list(axes) != sorted(axes):
+        # A shard holds a contiguous slice of the flat class index only when the split (the
+        # leading) class axis is also the major one of the flattening.
+        raise ValueError(
+            f"axis {axis} must list the class axes in increasing order with class_axis_name "
+            f"(got {axes} for logits of rank {logits.ndim})"
+        )
     batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
     _check_unambiguous(where, logits.shape, batch_shape, opts)
     mask = broadcast_mask(where, logits.shape, axes)
@@ -955,7 +962,7 @@ def softmax_cross_entropy(
     Args:
       logits: floating logits; ``axis`` holds the K classes.
       labels: probabilities of the same shape (differentiable: distillation works).
-      axis: the class axis or axes (several are flattened, C order).
+      axis: the class axis or axes (several are flattened, C order, in the order given).
 {options}
     Returns:
       The loss in float32 (or wider): per example (the batch shape) or a scalar; with
@@ -1026,7 +1033,8 @@ def softmax_cross_entropy_with_integer_labels(
     Args:
       logits: floating logits; ``axis`` holds the K classes.
       labels: integer class ids of the batch shape (the logits' shape without ``axis``; with
-        several class axes, a flat C-order index into them).
+        several class axes, a flat C-order index into them in the order ``axis`` lists them,
+        as optax: ``axis=(3, 2)`` makes axis 3 the major one).
       axis: the class axis or axes.
       ignore_index: examples whose label equals it get loss 0 and gradient 0, and do not
         count in ``"mean"``.

@@ -201,7 +201,7 @@ def prepare(x: ArrayLike, axis, where, name: str = "x"):
 
 
 def move_axes_last(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """Move ``axes`` to the end (in order) and flatten them into one axis of size K."""
+    """Move ``axes`` to the end in the order given and flatten them (C order) into one axis of size K."""
     batch = tuple(i for i in range(x.ndim) if i not in axes)
     x = jnp.transpose(x, batch + axes)
     return x.reshape(x.shape[: len(batch)] + (math.prod(x.shape[len(batch) :]),))

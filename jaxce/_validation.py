@@ -16,7 +16,17 @@ REDUCTIONS = ("none", "sum", "mean")
 
 
 def canonical_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> tuple[int, ...]:
-    """Return ``axis`` as a sorted tuple of non-negative ints, or raise for a bad axis."""
+    """Return ``axis`` as a tuple of non-negative ints in the order given, or raise for a bad axis.
+
+    The order is kept (as optax and NumPy's ``normalize_axis_tuple`` keep it): several class
+    axes are flattened in that order (:func:`jaxce._softmax.move_axes_last`), so an integer
+    label is a C-order index into the class shape as listed, ``axis=(3, 2)`` making axis 3 the
+    major one. Reductions over the axes do not depend on it.
+
+    Examples:
+      >>> canonical_axes((-1, -2), 4), canonical_axes(1, 3)
+      ((3, 2), (1,))
+    """
     axes = (axis,) if isinstance(axis, int) else axis
     if not isinstance(axes, (tuple, list)) or not all(
         isinstance(a, int) and not isinstance(a, bool) for a in axes
@@ -31,7 +41,7 @@ def canonical_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> 
         out.append(a % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"{name} {axis!r} repeats an axis")
-    return tuple(sorted(out))
+    return tuple(out)
 
 
 def check_floating(name: str, x: jax.Array) -> None:

@@ -35,3 +35,8 @@ def test_public_function_has_args_and_a_runnable_example(name):
     assert not missing, f"jaxce.{name}'s docstring does not mention {missing}"
     (test,) = doctest.DocTestFinder(recurse=False).find(fn, name)
     assert test.examples, f"jaxce.{name}'s docstring has no example"
+
+
+def test_all_lists_the_public_face():
+    public = {n for n in dir(jaxce) if not n.startswith("_")}
+    assert set(jaxce.__all__) == public, set(jaxce.__all__) ^ public

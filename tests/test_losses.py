@@ -1567,3 +1567,34 @@ def test_option_traced_value_is_rejected_as_not_static(option):
     name, call, fractional, integer = option
     with pytest.raises(TypeError, match=f"^{name} must be static .* got the traced value"):
         jax.jit(call)(integer if fractional is None else fractional)
+
+
+@pytest.mark.parametrize("axis", [(3, 2), (-1, -2), (2, 0), (3, 0, 1)])
+def test_tuple_axis_out_of_order_flattens_in_the_order_given(rng, axis):
+    # As optax: the label is a C-order index into the class axes as listed (axis 3 major in
+    # (3, 2)); the soft-label loss, a sum over the same classes, does not depend on the order.
+    z = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+    axes = tuple(a % 4 for a in axis)
+    batch = tuple(d for i, d in enumerate(z.shape) if i not in axes)
+    y = rng.integers(0, math.prod(z.shape[a] for a in axes), size=batch)
+    np.testing.assert_allclose(
+        ce_int(z, y, axis), optax.softmax_cross_entropy_with_integer_labels(z, y, axis), **F32
+    )
+    grad = jax.grad(lambda z: jnp.sum(ce_int(z, y, axis)))(z)
+    optax_ce = optax.softmax_cross_entropy_with_integer_labels
+    expected = jax.grad(lambda z: jnp.sum(optax_ce(z, y, axis)))(z)
+    np.testing.assert_allclose(grad, expected, **F32)
+    soft = jax.nn.softmax(jnp.asarray(rng.normal(size=z.shape)), axis=axes)
+    np.testing.assert_allclose(
+        jaxce.softmax_cross_entropy(z, soft, axis),
+        jaxce.softmax_cross_entropy(z, soft, tuple(sorted(axes))),
+        **F32,
+    )
+    # the Jacobian's class shape follows the order given too
+    class_shape = tuple(z.shape[a] for a in axes)
+    assert jaxce.softmax_jacobian(z, axis).shape == batch + class_shape + class_shape
+
+
+def test_tuple_axis_out_of_order_is_refused_with_class_axis_name():
+    with pytest.raises(ValueError, match=r"increasing order with class_axis_name"):
+        ce_int(jnp.zeros((2, 3, 4)), jnp.zeros((2,), jnp.int32), (2, 1), class_axis_name="model")
