@@ -126,7 +126,12 @@ def main(argv=None):
     parser.add_argument("--v", type=int, default=32768, help="classes (default 32768)")
     parser.add_argument("--repeats", type=int, default=None, help="timed pairs per row (default 9)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each function")
-    parser.add_argument("--only", default=None, help="run only rows whose name contains this")
+    parser.add_argument(
+        "--only", default=None, metavar="TEXT",
+        help="run only rows whose name contains TEXT. Rows: int f32, int bf16, soft f32, "
+        "soft bf16, int+opts f32, int+opts bf16; spaces pad the names, so give one word: "
+        "int (also matches int+opts), soft, opts, f32 or bf16",
+    )
     parser.add_argument(
         "--memory", action="store_true",
         help="instead: temp memory of every option combination (compiles only; default N=1024, V=8192)",

@@ -84,11 +84,14 @@ def main():
     print("loss: jaxce.linear_softmax_cross_entropy (fused)")
     memory = step.lower(params, opt_state, *data(key_data)).compile().memory_analysis()
     if memory is not None:
-        print(f"per-device memory of the train step: temp {memory.temp_size_in_bytes / 2**10:.0f} KiB, "
-              f"arguments {memory.argument_size_in_bytes / 2**10:.0f} KiB, "
-              f"outputs {memory.output_size_in_bytes / 2**10:.0f} KiB "
+        embed_kib, w_kib = V * D * 4 / 2**10, D * (V // 4) * 4 / 2**10  # float32
+        print(f"per-device memory of the train step: temp {memory.temp_size_in_bytes / 2**10:.0f} KiB "
               f"(the [N, V] logits would be {N * V * 4 / 2**10:.0f} KiB, "
               f"one device's [N/2, V/4] slice {N * V // 8 * 4 / 2**10:.0f} KiB)")
+        print(f"  arguments {memory.argument_size_in_bytes / 2**10:.0f} KiB and outputs "
+              f"{memory.output_size_in_bytes / 2**10:.0f} KiB, no logits: the parameters and "
+              f"Adam's two moments, 3 x (replicated embed [V, D] {embed_kib:.0f} KiB + this "
+              f"device's w slice [D, V/4] {w_kib:.0f} KiB), plus the tokens")
     for i in range(STEPS):
         tokens, targets = data(jax.random.fold_in(key_data, i))
         params, opt_state, value = step(params, opt_state, tokens, targets)

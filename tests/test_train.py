@@ -123,11 +123,35 @@ def test_split_and_standardize():
     np.testing.assert_allclose(z.std(axis=0), 1, rtol=1e-5)
 
 
-def test_confusion_matrix_table():
-    counts = train.confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2]), 3)
-    np.testing.assert_array_equal(counts, [[1, 0, 0], [0, 0, 1], [0, 0, 2]])
-    table = train.format_confusion_matrix(counts, ["a", "bb", "c"])
-    assert table.splitlines()[2].split() == ["bb", "0", "0", "1"]
+@pytest.mark.parametrize(
+    "names", [["a", "bb", "c"], ["setosa", "versicolor", "virginica"], ["x", "a-long-name"]]
+)
+def test_confusion_matrix_table(names):
+    k = len(names)
+    labels, predicted = np.arange(4) % k, np.array([0, k - 1, k - 1, 0]) % k
+    counts = train.confusion_matrix(labels, predicted, k)
+    assert counts.sum() == 4 and np.trace(counts) == np.sum(labels == predicted)
+    header, *rows = train.format_confusion_matrix(counts * 1000, names).splitlines()
+    assert [row.split()[0] for row in rows] == names
+    # Each column label's right edge sits over the right edge of its numbers.
+    label_ends = [m.end() for m in re.finditer(r"\S+", header)]
+    assert len(label_ends) == k
+    for row, true_counts in zip(rows, counts * 1000, strict=True):
+        number_ends = [m.end() for m in re.finditer(r"\S+", row)][1:]
+        assert number_ends == label_ends
+        assert [int(n) for n in row.split()[1:]] == true_counts.tolist()
+
+
+def test_confusion_matrix_table_aligned_in_cli_output(capsys):
+    assert train.main(["--steps", "50", "--min-accuracy", "0", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("confusion matrix on the test split (rows: true class, columns: predicted):")
+    header, *rows = lines[at + 1 : at + 5]
+    assert header == " " * 17 + "setosa versicolor  virginica"
+    assert [row.index(" ", 2) for row in rows] == [8, 12, 11]  # after each class name
+    for row in rows:
+        assert [m.end() for m in re.finditer(r"\S+", row)][1:] == [23, 34, 45]
+    assert [m.end() for m in re.finditer(r"\S+", header)] == [23, 34, 45]
 
 
 def test_plain_progress_lines_without_tqdm(monkeypatch, capsys):
@@ -148,6 +172,8 @@ BAD_CSV = {
     "duplicate": "a,label,label\n1,x,y\n2,y,x\n",
     "continuous": "a,label\n1,0.5\n2,1.5\n3,2.5\n",
     "singleton": "a,label\n1,x\n2,x\n3,y\n4,y\n5,z\n",
+    "semicolons": "f1;f2;species\n1;2;x\n3;4;y\n1;2;x\n3;4;y\n",
+    "empty_cell": "f1,species\n1,x\n2,y\n3,x\n,y\n",
 }
 
 
@@ -156,11 +182,25 @@ BAD_CSV = {
     [
         (["--csv", "{missing}", "--target", "label"], "no such file"),
         (["--csv", "{no_target}", "--target", "label"], "columns present: a, b"),
-        (["--csv", "{text}", "--target", "label"], "column 'a' row 2: 'hello' is not a finite"),
-        (["--csv", "{nan}", "--target", "label"], "column 'a' row 2: 'NaN' is not a finite"),
+        (["--csv", "{text}", "--target", "label"], "column 'a' line 3: 'hello' is not a finite"),
+        (["--csv", "{nan}", "--target", "label"], "column 'a' line 3: 'NaN' is not a finite"),
         (["--csv", "{one_class}", "--target", "label"], "has only one class ('x')"),
-        (["--csv", "{float32}", "--target", "label"], "column 'a' row 2: '1e39' overflows float32"),
+        (
+            ["--csv", "{float32}", "--target", "label"],
+            "column 'a' line 3: '1e39' overflows float32",
+        ),
         (["--csv", "{duplicate}", "--target", "label"], "duplicate column names 'label'"),
+        (["--csv", "{semicolons}", "--target", "label"], "columns present: f1, f2, species"),
+        (["--csv", "{empty_cell}", "--target", "species"], "column 'f1' line 5: missing value"),
+        (["--csv", "{text}", "--target", "label", "--drop", "b"], "no drop column 'b'; columns"),
+        (["--csv", "{text}", "--target", "label", "--features", "a,c"], "no feature column 'c'"),
+        (["--csv", "{text}", "--target", "label", "--features", "a,,b"], "empty column name"),
+        (["--features", "a"], "--features and --drop apply only to --csv"),
+        (["--drop", "a"], "--features and --drop apply only to --csv"),
+        (
+            ["--csv", "{text}", "--target", "label", "--features", "a", "--drop", "b"],
+            "argument --drop: not allowed with argument --features",
+        ),
         (
             ["--csv", "{continuous}", "--target", "label"],
             "target 'label' has 3 distinct values in 3 rows, 3 of them in one row only "
@@ -462,3 +502,120 @@ def test_newton_cg_uses_the_logits_hvp(iris_split, monkeypatch):
     source = inspect.getsource(train)
     assert "jaxce.softmax_cross_entropy_hvp(" in source
     assert "hessian(" not in source.replace("def hessian_vector_product(", "")
+
+
+# ------------------------------------------------------------------------------- issue 12
+
+
+def test_out_that_is_a_file_fails_before_loading_or_training(tmp_path, capsys, monkeypatch):
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("loaded data or trained before checking --out")
+
+    monkeypatch.setattr(train, "load_iris", no_work)
+    monkeypatch.setattr(train, "fit", no_work)
+    status = train.main(["--out", str(taken), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    _assert_one_line_error(err, f"--out {taken}: exists and is not a directory")
+    status = train.main(["--out", str(taken / "sub"), "--no-progress"])
+    assert status == 2
+    _assert_one_line_error(capsys.readouterr().err, f"--out {taken / 'sub'}: Not a directory")
+    assert taken.read_text() == "not a directory"
+
+
+def test_missing_matplotlib_hint_works_from_the_checkout(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    argv = ["--steps", "5", "--min-accuracy", "0", "--no-progress", "--out", str(tmp_path)]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert 'matplotlib not installed: no curves.png (pip install -e ".[demo]"' in out
+    assert "jaxce[demo]" not in out.replace('".[demo]"', "")
+    assert f"wrote metrics.json, params.npz to {tmp_path}" in out
+
+
+def test_help_gives_every_flag_a_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    actions = [a for a in train._parser()._actions if a.dest != "help"]
+    assert len(actions) == 15
+    for action in actions:
+        assert action.help.endswith(")") and "(default: " in action.help, action.dest
+        assert " ".join(action.help.split()) in text
+    assert "needs --target" in text
+    assert "(default: 0.0001 for lbfgs, 0 otherwise)" in text
+    assert "line search for lbfgs" in text and "(default: adam)" in text
+
+
+def test_help_parses_before_importing_jax(tmp_path):
+    # The package's __init__ imports jax; load train.py under a bare package so that only
+    # train.py's own imports count.
+    root = pathlib.Path(__file__).resolve().parent.parent
+    code = f"""
+import sys, types
+package = types.ModuleType("jaxce")
+package.__path__ = [{str(root / "jaxce")!r}]
+sys.modules["jaxce"] = package
+import jaxce.train
+args = jaxce.train._parser().parse_args(["--optimizer", "lbfgs", "--out", "x"])
+jaxce.train._check_args(args)
+loaded = sorted(m for m in ("jax", "jaxlib", "optax") if m in sys.modules)
+assert not loaded, loaded
+try:
+    jaxce.train.main(["--help"])
+except SystemExit as e:
+    assert e.code == 0
+loaded = sorted(m for m in ("jax", "jaxlib", "optax") if m in sys.modules)
+assert not loaded, loaded
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: jaxce-train" in proc.stdout and "--test-fraction" in proc.stdout
+
+
+def test_lbfgs_default_keeps_test_loss_and_weights_bounded(iris_split, capsys):
+    # Unpenalised, L-BFGS drove the train loss to 3e-9 nats and the weights' norm to 3000:
+    # the test loss rose from 0.079 to 25.7 nats.
+    x_train, y_train, x_test, y_test, _ = iris_split
+    params, history = train.fit(x_train, y_train, optimizer="lbfgs", eval_set=(x_test, y_test))
+    assert history.loss.shape == (train.DEFAULT_STEPS,)
+    assert np.max(history.eval_loss[10:]) < 0.2
+    assert 5 < np.linalg.norm(params["w"]) < 30
+    assert history.final_loss > 0.01 and _accuracy(params, x_test, y_test) >= 0.93
+    status = train.main(["--optimizer", "lbfgs", "--no-progress"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "lbfgs, line search, weight decay 0.0001, 500 steps" in out
+    # An explicit --weight-decay 0 still gives the unpenalised fit.
+    bare = train.fit(x_train, y_train, optimizer="lbfgs", weight_decay=0.0, steps=60)
+    assert bare.history.final_loss < 1e-6
+
+
+def test_csv_choose_drop_and_sniffed_delimiter_in_cli(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    lines = ["id;f1;species;f2"]
+    for k in range(60):
+        label = k % 2
+        f1, f2 = rng.normal(size=2) + 3 * label
+        lines.append(f"{1000 + k};{f1:.3f};{'ab'[label]};{f2:.3f}")
+    path = tmp_path / "semi.csv"
+    path.write_text("\n".join(lines) + "\n")
+    base = ["--csv", str(path), "--target", "species", "--steps", "20", "--no-progress"]
+    base += ["--min-accuracy", "0"]
+    for extra, features in [
+        ([], ["id", "f1", "f2"]),
+        (["--drop", "id"], ["f1", "f2"]),
+        (["--features", "f2, f1"], ["f2", "f1"]),
+    ]:
+        out_dir = tmp_path / f"out{len(extra)}{len(features)}"
+        assert train.main([*base, *extra, "--out", str(out_dir)]) == 0
+        assert f"60 rows, {len(features)} features, classes a, b" in capsys.readouterr().out
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+        assert metrics["feature_names"] == features
