@@ -31,6 +31,13 @@ Usage::
     python benchmarks/bench_linear.py --quick      # smaller time shapes, fewer repeats
     python benchmarks/bench_linear.py --block-size 64 --only time
     python benchmarks/bench_linear.py --only filter
+    python benchmarks/bench_linear.py --only sweep --repeats 3   # V = 32768 ... 262144
+
+- sweep: V in {32768, 65536, 131072, 262144} (float32; bfloat16 at 65536 and 262144) and a
+  ragged N (not a power of two) at V=131072: how the step walks (the gradients fused into the
+  sweep over blocks of rows, or a second sweep over tiles of columns), the paired time ratio
+  against naive at ``--sweep-shape`` (default N=2048 D=256: N=4096 D=512 takes minutes per
+  row on 2 cores) and temp MiB at N=4096 (4000) D=512.
 """
 
 import argparse
@@ -147,6 +154,62 @@ def time_table(args):
     return lines
 
 
+SWEEP_V = (32768, 65536, 131072, 262144)
+
+
+def walk(n, d, v, block_size):
+    """How the step walks: "fused" (gradients in the row sweep) or "tiled" (a column sweep)."""
+    block = block_size or _linear.default_block_size(n, v)
+    fuses = getattr(_linear, "fuses_gradients", None)  # absent before the column-tiled sweep
+    if fuses is None:
+        return f"fused, block {block}"
+    rows, cols = _linear.tile_shape(n, d, v, block)
+    return f"fused, block {block}" if fuses(v, block, (rows, cols)) else f"tiled {rows}x{cols}"
+
+
+def sweep_table(args):
+    """V sweep, jaxce vs naive: temp MiB at N=4096 D=512 and paired times at args.sweep_shape."""
+    mem_n, mem_d = 4096, 512
+    n, d = args.sweep_shape
+    cases = [(n, v, jnp.float32) for v in SWEEP_V]
+    cases += [(n, v, jnp.bfloat16) for v in (SWEEP_V[1], SWEEP_V[3])]
+    ragged_n = n * 4000 // 4096  # not a power of two: a ragged last block of rows
+    cases.append((ragged_n, SWEEP_V[2], jnp.float32))
+    header = (
+        f"{'N':>6}{'V':>8}{'dtype':>10}{'  walk':<22}{'jaxce ms':>10}{'naive ms':>10}{'ratio':>7}"
+        f"{'spread':>12}{'jaxce MiB':>11}{'naive MiB':>11}"
+    )
+    lines = [
+        f"sweep: jit(value_and_grad) w.r.t. (x, w), mean; MiB (temp_size_in_bytes) at N={mem_n} "
+        f"(N=4000 in the ragged row) D={mem_d}; times at N={n} D={d} (N={ragged_n} ragged), "
+        f"median of {args.repeats} pairs after {args.warmup} warm-up calls each",
+        header,
+        "-" * len(header),
+    ]
+    print(*lines, sep="\n", flush=True)
+    f = blockwise(args.block_size)
+    for tn, v, dtype in cases:
+        mn = mem_n if tn == n else 4000
+        x, w, y = make_inputs(tn, d, v, dtype)
+        fa, fb = step(f), step(naive)
+        ta, tb = paired_times(lambda: fa(x, w, y), lambda: fb(x, w, y), args.repeats, args.warmup)
+        del x, w, y
+        ratios = ta / tb
+        lo, hi = np.percentile(ratios, [10, 90])
+        mem_a = temp_bytes(f, mn, mem_d, v, dtype)
+        mem_b = temp_bytes(naive, mn, mem_d, v, dtype)
+        name = jnp.dtype(dtype).name
+        line = (
+            f"{tn:>6}{v:>8}{name:>10}  {walk(tn, d, v, args.block_size):<20}"
+            f"{1e3 * statistics.median(ta):>10.1f}{1e3 * statistics.median(tb):>10.1f}"
+            f"{float(np.median(ratios)):>7.2f}{f'{lo:.2f}-{hi:.2f}':>12}"
+            f"{mem_a / MIB:>11.1f}{mem_b / MIB:>11.1f}"
+        )
+        lines.append(line)
+        print(line, flush=True)
+    return lines
+
+
 FILTER = 2.0**-12  # in the range of Cut Cross-Entropy's float32 default
 
 
@@ -230,7 +293,11 @@ def main(argv=None):
     parser.add_argument("--block-size", type=int, default=None, help="rows per block (default: auto)")
     parser.add_argument("--repeats", type=int, default=None, help="timed pairs per row (default 9)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each function")
-    parser.add_argument("--only", choices=("memory", "time", "filter"), default=None)
+    parser.add_argument("--only", choices=("memory", "time", "filter", "sweep"), default=None)
+    parser.add_argument(
+        "--sweep-shape", type=int, nargs=2, default=(2048, 256), metavar=("N", "D"),
+        help="N and D of the sweep's times (default 2048 256; its memory is at 4096 512)",
+    )
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (5 if args.quick else 9)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
@@ -245,7 +312,9 @@ def main(argv=None):
     if args.only in (None, "time"):
         lines += time_table(args) + [""]
     if args.only in (None, "filter"):
-        lines += filter_table(args)
+        lines += filter_table(args) + [""]
+    if args.only in (None, "sweep"):
+        lines += sweep_table(args)
     print("\nratio: median of per-pair time ratios jaxce/naive (spread: 10-90% range); MiB = 2**20 B")
     return lines
 

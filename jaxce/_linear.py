@@ -17,9 +17,18 @@ of rows of them: it walks over the rows (tokens) in blocks of ``block_size``, ea
 - with ``reduction="none"`` the forward pass keeps only O(N) statistics (logsumexp and target
   mass) and the backward pass recomputes the blocks' logits: four matmuls.
 
-Walking over the vocabulary instead (an online logsumexp over blocks of columns) cannot give
-the gradient in the same pass: :math:`p = e^{z - \ell}` needs each row's final logsumexp
-:math:`\ell`, so it takes a second pass and a fourth matmul.
+Accumulating :math:`dw` over the blocks of rows reads and writes all of ``dw`` [D, V] once per
+block, and the default block shrinks as 1/V: that traffic grows as V². Above a few tens of
+thousands of classes (blocks of fewer than :data:`FUSED_MIN_ROWS` rows), the gradients are
+therefore computed by a second sweep over *tiles of columns* (:func:`_tiled_grads`, after Cut
+Cross-Entropy): given each row's saved normaliser, a tile's cotangents need only the tile's
+logits (``row_cotangents`` on a column slice), so for each tile ``dw[:, tile] = x^T dz`` is
+written once and ``dx += dz w[:, tile]^T`` accumulates in a small [N, D] buffer; the rows of a
+tile are walked in blocks too, so the scratch stays ``rows x cols`` (as many elements as a
+block of the row sweep). One more matmul (the logits again), no traffic growing as V². The
+statistics sweep over blocks of rows is unchanged, so the loss is the same number either way.
+``reduction="none"`` (and a differentiated ``return_aux``) recomputes its gradients with the
+same column sweep; with at most one tile of classes it is the row sweep.
 
 The temporaries of a block are a few ``block_size x V`` float32 arrays; the default
 ``block_size`` keeps them near :data:`BLOCK_BYTES` whatever V is, so the scratch memory stays
@@ -67,6 +76,21 @@ FILTER_COLUMNS = 512
 """With ``gradient_filter`` the gradients are accumulated (and skipped) in slabs of at most this
 many columns: narrow enough that the few likely classes of a block of rows leave most slabs to
 skip, wide enough for efficient matmuls (measured in ``benchmarks/bench_linear.py``)."""
+
+TILE_BYTES = 2 * 2**20
+"""The column-tiled gradient sweep (:func:`_tiled_grads`) takes tiles of columns whose slice of
+``w`` (``D x tile`` float32) holds about this many bytes (at least :data:`MIN_TILE_COLUMNS`; XLA:CPU keeps a
+few such ``[D, tile]`` buffers: the slice of ``w``, of ``dw``, their products), each tile walked
+in blocks of rows: ``dw[:, tile]`` is then written once instead of read and written by every
+block of rows."""
+
+MIN_TILE_COLUMNS = 128
+"""The narrowest tile of columns (a wide ``D`` would otherwise make inefficient matmuls)."""
+
+FUSED_MIN_ROWS = 256
+"""With a scalar reduction, blocks of at least this many rows (or classes that fit in one tile) compute the gradients in the forward sweep itself (three matmuls); smaller blocks,
+which would re-read and re-write all of ``dw`` too often, take a second, column-tiled sweep
+(four matmuls). Measured in ``benchmarks/bench_linear.py --only sweep``."""
 
 _TEMPS_PER_ROW = 1  # float32 [block, V] arrays XLA:CPU keeps alive at once, rounded (measured:
 # 36-39 MiB of temp at 32 MiB / (4 V) rows for V = 32768 ... 262144, N=4096, D=512)
@@ -208,6 +232,23 @@ def _varying_like(fn, carry):
     return jax.tree.map(lambda a, ax: vary_over(a, ax - varying_axes(a)), carry, axes[0])
 
 
+def tile_shape(num_rows: int, num_features: int, num_classes: int, block: int) -> tuple[int, int]:
+    """``(rows, columns)`` of the column-tiled gradient sweep: tiles of about
+    :data:`TILE_BYTES` of ``w``, walked in blocks of rows holding as many elements as a
+    ``block x num_classes`` block of the row sweep (the same scratch)."""
+    cols = TILE_BYTES // (4 * max(num_features, 1)) // 128 * 128
+    cols = max(MIN_TILE_COLUMNS, cols)
+    cols = max(1, min(num_classes, cols))
+    rows = max(1, min(num_rows, max(block, block * num_classes // cols)))
+    return rows, cols
+
+
+def fuses_gradients(num_classes: int, block: int, tile) -> bool:
+    """Whether a scalar reduction computes its gradients in the forward sweep (see
+    :data:`FUSED_MIN_ROWS`)."""
+    return num_classes <= tile[1] or block >= FUSED_MIN_ROWS
+
+
 def _add_rows(dx, dxb, start):
     """``dx[start:start + len(dxb)] += dxb`` in place: the zero rows of an overlap add nothing."""
     rows = lax.dynamic_slice_in_dim(dx, start, dxb.shape[0]) + dxb.astype(dx.dtype)
@@ -305,18 +346,120 @@ def _sweep(
     if compute_stats:
         loss, shift, log_sum, mass, count, correct = rows
         rows = (loss, Normalizer(shift, log_sum), mass, count, correct)
-    if grads_on:
-        dx, dw, db, dcw = acc
-        if dx is not None and spec.class_axis_name is not None:
-            dx = lax.psum(dx, spec.class_axis_name)  # each shard held a slice of the classes
-        if opts.batch_axis_name is not None:  # each shard held a slice of the examples
-            dw, db, dcw = (
-                None if g is None else lax.psum(g, opts.batch_axis_name) for g in (dw, db, dcw)
-            )
-        acc = (dx, dw, db, dcw)
-    else:
-        acc = (None, None, None, None)
+    acc = _sum_shards(acc, opts) if grads_on else (None, None, None, None)
     return rows, acc
+
+
+def _sum_shards(grads, opts: Options):
+    """The gradients summed over the shards that each held a part of them."""
+    dx, dw, db, dcw = grads
+    if dx is not None and opts.spec.class_axis_name is not None:
+        dx = lax.psum(dx, opts.spec.class_axis_name)  # each shard held a slice of the classes
+    if opts.batch_axis_name is not None:  # each shard held a slice of the examples
+        dw, db, dcw = (
+            None if g is None else lax.psum(g, opts.batch_axis_name) for g in (dw, db, dcw)
+        )
+    return dx, dw, db, dcw
+
+
+def _tiled_grads(
+    x, w, bias, labels, mask, class_weights, opts: Options, tile, stats, g_loss, g_lse, want,
+    gradient_filter=None,
+):
+    """The gradients ``(dx, dw, dbias, dclass_weights)`` a tile of columns at a time.
+
+    Given the saved ``stats = (normalizer, target_mass, num_possible)`` and the per-example
+    cotangents ``g_loss`` (and ``g_lse``, None for 0), walk over tiles of ``cols`` columns
+    (``tile = (rows, cols)``) and, inside each, over blocks of ``rows`` rows: the block's
+    logits ``z = x_b w_t + b_t``, ``dz`` in closed form (``row_cotangents`` on a column
+    slice), ``dx_b += dz w_t^T``, and ``dw_t += x_b^T dz`` into a ``[D, cols]`` buffer that is
+    written into ``dw`` once per tile. Same blocks of rows as :func:`_sweep`, so the scratch
+    is ``rows x cols`` whatever V is.
+
+    A ragged last tile starts at ``V - cols`` and overlaps the tile before it: its ``dw``,
+    ``dbias`` and ``dclass_weights`` columns are rewritten (the same sums), and the overlapped
+    columns' ``w`` is zeroed in ``dx``'s product so that ``dx`` counts them once. A ragged
+    last block of rows overlaps likewise, its already counted rows getting cotangent 0.
+    """
+    spec = opts.spec
+    n, d = x.shape
+    num_classes = w.shape[1]
+    rows, cols = tile
+    rows, cols = min(rows, n), min(cols, num_classes)
+    dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
+    want_dx, want_dw, want_db = want
+    cut = lambda a, start: None if a is None else lax.dynamic_slice_in_dim(a, start, cols, -1)
+    put = lambda a, part, start: (
+        None if a is None
+        else lax.dynamic_update_slice_in_dim(a, part.astype(a.dtype), start, a.ndim - 1)
+    )
+
+    def tile_body(col, col_skip, carry):
+        dx, dw, db, dcw = carry
+        wt, bt, mt, cwt = (cut(a, col) for a in (w, bias, mask, class_weights))
+        # dx's share of the columns the previous tile counted: 0 (their dw etc. are rewritten).
+        fresh_cols = lax.broadcasted_iota(jnp.int32, (cols,), 0) >= col_skip
+        wdx = jnp.where(fresh_cols, wt, jnp.zeros((), wt.dtype)) if want_dx else wt
+
+        def block_body(start, skip, acc):
+            dx, dwt, dbt, dcwt = acc
+            xb = lax.dynamic_slice_in_dim(x, start, rows)
+            yb = lax.dynamic_slice_in_dim(labels, start, rows)
+            norm, mass, count = jax.tree.map(
+                lambda r: lax.dynamic_slice_in_dim(r, start, rows), stats
+            )
+            fresh = lax.broadcasted_iota(jnp.int32, (rows,), 0) >= skip
+            gb = lax.dynamic_slice_in_dim(g_loss, start, rows)
+            glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, rows)
+            gb, glb = jnp.where(fresh, gb, 0.0), jnp.where(fresh, glb, 0.0)
+            z = _logits(xb, wt, bt, dtype)
+            dz, _, dcw_b = row_cotangents(
+                z, yb, mt, cwt, norm, mass, count, gb, glb, spec, columns=(col, num_classes)
+            )
+            dzl = dz.astype(w.dtype)  # the matmuls run in the inputs' dtype, accumulate in f32
+            if gradient_filter is not None and (want_dx or want_dw):
+                floor = jnp.where(fresh, gradient_filter * (jnp.abs(gb) + jnp.abs(glb)), jnp.inf)
+                dxb = jnp.zeros((rows, d), dtype) if want_dx else None
+                dxb, dwt = _filtered_products(dxb, dwt, xb, wdx, dz, floor, dtype)
+                if want_dx:
+                    dx = _add_rows(dx, dxb, start)
+            else:
+                if want_dx:
+                    dxb = lax.dot_general(
+                        dzl, wdx, (((1,), (1,)), ((), ())), preferred_element_type=dtype
+                    )
+                    dx = _add_rows(dx, dxb, start)
+                if want_dw:
+                    dwt = dwt + lax.dot_general(
+                        xb, dzl, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+                    )
+            if want_db:
+                dbt = dbt + jnp.sum(dz, axis=0)
+            if dcw_b is not None:
+                dcwt = dcwt + dcw_b
+            return dx, dwt, dbt, dcwt
+
+        acc = (
+            dx,
+            jnp.zeros((d, cols), dtype) if want_dw else None,
+            jnp.zeros((cols,), dtype) if want_db else None,
+            None if class_weights is None else jnp.zeros((cols,), class_weights.dtype),
+        )
+        dx, dwt, dbt, dcwt = _row_blocks(n, rows, block_body, acc)
+        return dx, put(dw, dwt, col), put(db, dbt, col), put(dcw, dcwt, col)
+
+    grads = (
+        # dx sums a share per tile: float32 whatever x's dtype.
+        jnp.zeros(x.shape, dtype) if want_dx else None,
+        # float32 like the row sweep's (storing it in bf16 halved the temp memory, but measured
+        # 2x slower at N=2048 D=256 V=65536: a copy of dw per tile, it seems).
+        jnp.zeros(w.shape, dtype) if want_dw else None,
+        jnp.zeros((num_classes,), dtype) if want_db else None,
+        None if class_weights is None else jnp.zeros_like(class_weights),
+    )
+    if n and num_classes:
+        grads = _row_blocks(num_classes, cols, tile_body, grads)
+    return _sum_shards(grads, opts)
 
 
 def _cast_grads(grads, x, w, bias, class_weights):
@@ -329,24 +472,23 @@ def _cast_grads(grads, x, w, bias, class_weights):
 # reduction="none" (and the general case): per-example outputs, blocks recomputed backward.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _rows(x, w, bias, labels, mask, class_weights, opts, block, gradient_filter):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _rows(x, w, bias, labels, mask, class_weights, opts, block, tile, gradient_filter):
     (loss, norm, _, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
     return loss, norm.lse, correct
 
 
-def _rows_fwd(x, w, bias, labels, mask, class_weights, opts, block, gradient_filter):
+def _rows_fwd(x, w, bias, labels, mask, class_weights, opts, block, tile, gradient_filter):
     (loss, *saved, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
     return (loss, saved[0].lse, correct), (x, w, bias, labels, mask, class_weights, saved)
 
 
-def _rows_bwd(opts, block, gradient_filter, residuals, cotangents):
+def _rows_bwd(opts, block, tile, gradient_filter, residuals, cotangents):
     x, w, bias, labels, mask, class_weights, saved = residuals
     g_loss, g_lse, _ = cotangents
-    _, grads = _sweep(
-        x, w, bias, labels, mask, class_weights, opts, block, stats=tuple(saved),
-        g_loss=g_loss, g_lse=g_lse, want=(True, True, bias is not None),
-        gradient_filter=gradient_filter,
+    grads = _tiled_grads(
+        x, w, bias, labels, mask, class_weights, opts, tile, tuple(saved), g_loss, g_lse,
+        (True, True, bias is not None), gradient_filter,
     )
     dx, dw, db, dcw = _cast_grads(grads, x, w, bias, class_weights)
     return dx, dw, db, None, None, dcw
@@ -383,9 +525,10 @@ def _example_cotangents(labels, counted, class_weights, sample_weights, opts, dt
     return g
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
 def _reduced(
-    x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block, gradient_filter
+    x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block, tile,
+    gradient_filter,
 ):
     (loss, norm, _, _, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
     return finish(loss, norm.lse, correct, labels, counted, class_weights, sample_weights, opts)
@@ -400,7 +543,8 @@ def _perturbed(p):
 
 
 def _reduced_fwd(
-    x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block, gradient_filter
+    x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block, tile,
+    gradient_filter,
 ):
     want = (_perturbed(x), _perturbed(w), _perturbed(bias))
     x, w, bias, labels, mask, class_weights, sample_weights, counted = map(
@@ -410,10 +554,17 @@ def _reduced_fwd(
     if any(want) or class_weights is not None:
         dtype = compute_dtype(x.dtype)
         g_loss = _example_cotangents(labels, counted, class_weights, sample_weights, opts, dtype)
-    (loss, *saved, correct), grads = _sweep(
-        x, w, bias, labels, mask, class_weights, opts, block, g_loss=g_loss, want=want,
-        gradient_filter=gradient_filter,
-    )
+    if g_loss is None or fuses_gradients(w.shape[1], block, tile):
+        (loss, *saved, correct), grads = _sweep(
+            x, w, bias, labels, mask, class_weights, opts, block, g_loss=g_loss, want=want,
+            gradient_filter=gradient_filter,
+        )
+    else:  # statistics over blocks of rows, then the gradients over tiles of columns
+        (loss, *saved, correct), _ = _sweep(x, w, bias, labels, mask, class_weights, opts, block)
+        grads = _tiled_grads(
+            x, w, bias, labels, mask, class_weights, opts, tile, tuple(saved), g_loss, None,
+            want, gradient_filter,
+        )
     fn = _finish_fn(labels, counted, correct, opts)
     (out, aux), pull = jax.vjp(fn, loss, saved[0].lse, class_weights, sample_weights)
     result = (out, {**aux, "correct": (correct > 0.5) & counted}) if opts.return_aux else out
@@ -421,7 +572,7 @@ def _reduced_fwd(
     return result, (grads, pull, inputs, want)
 
 
-def _reduced_bwd(opts, block, gradient_filter, residuals, cotangents):
+def _reduced_bwd(opts, block, tile, gradient_filter, residuals, cotangents):
     grads, pull, inputs, want = residuals
     x, w, bias, labels, mask, class_weights, saved = inputs
     g_out, g_aux = cotangents if opts.return_aux else (cotangents, {})
@@ -437,9 +588,9 @@ def _reduced_bwd(opts, block, gradient_filter, residuals, cotangents):
     if aux_is_zero:  # the usual case: d(out)/d(inputs) was computed forward, scale it
         dx, dw, db, dcw = (None if g is None else g_out.astype(g.dtype) * g for g in grads)
     else:  # the aux outputs are differentiated too: recompute the blocks with both cotangents
-        _, (dx, dw, db, dcw) = _sweep(
-            x, w, bias, labels, mask, class_weights, opts, block, stats=tuple(saved),
-            g_loss=g_loss, g_lse=g_lse, want=want, gradient_filter=gradient_filter,
+        dx, dw, db, dcw = _tiled_grads(
+            x, w, bias, labels, mask, class_weights, opts, tile, tuple(saved), g_loss, g_lse,
+            want, gradient_filter,
         )
     if dcw is not None:
         dcw = dcw + d_class_weights
@@ -533,6 +684,8 @@ def linear_softmax_cross_entropy(
       the gradients themselves, or O(N) statistics. The matmuls run in the inputs' dtype with
       float32 accumulation (``preferred_element_type``); the gradient of ``w`` is accumulated
       in float32 (a ``[D, V]`` float32 buffer for bf16 ``w``) and returned in ``w``'s dtype.
+      Above a few tens of thousands of classes the gradients are computed by a second sweep
+      over tiles of columns (four matmuls instead of three, no ``dw`` traffic growing as V²).
       Forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for its custom VJP: use
       reverse mode.
 
@@ -602,14 +755,15 @@ def linear_softmax_cross_entropy(
     )
     n = ids.size
     block = block_size or default_block_size(n, num_classes)
+    tile = tile_shape(n, x.shape[-1], num_classes, block)
     x2 = x.reshape(n, x.shape[-1])
     y = ids.reshape(n)
     sw = None if sample_weights is None else sample_weights.reshape(n)
     counted = counted_rows(mask, None if ignored is None else ignored.reshape(n), (n,), opts.spec)
     if opts.reduction == "none":
-        loss, lse, correct = _rows(x2, w, bias, y, mask, class_weights, opts, block, filt)
+        loss, lse, correct = _rows(x2, w, bias, y, mask, class_weights, opts, block, tile, filt)
         out = finish(loss, lse, correct, y, counted, class_weights, sw, opts)
     else:
-        out = _reduced(x2, w, bias, y, mask, class_weights, sw, counted, opts, block, filt)
+        out = _reduced(x2, w, bias, y, mask, class_weights, sw, counted, opts, block, tile, filt)
     unflat = lambda a: a.reshape(batch_shape) if a.ndim == 1 else a
     return jax.tree.map(unflat, out)

@@ -91,8 +91,13 @@ def _class_offset(num_local: int, spec: Spec):
     return lax.axis_index(spec.class_axis_name) * num_local
 
 
-def _class_ids(num_local: int, spec: Spec) -> jax.Array:
-    return lax.iota(jnp.int32, num_local) + _class_offset(num_local, spec)
+def _class_ids(num_local: int, spec: Spec, columns=None) -> jax.Array:
+    """Global ids of the ``num_local`` classes held: all the local ones, or with ``columns =
+    (start, total)`` the local classes ``[start, start + num_local)`` of ``total``."""
+    if columns is None:
+        return lax.iota(jnp.int32, num_local) + _class_offset(num_local, spec)
+    start, total = columns
+    return lax.iota(jnp.int32, num_local) + (start + _class_offset(total, spec))
 
 
 def varying_axes(x) -> frozenset:
@@ -317,7 +322,7 @@ def _capped(raw, mask, spec: Spec):
     return masked_fill(z, possible_classes(raw, mask))
 
 
-def _targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possible):
+def _targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possible, columns=None):
     """``(u, t)``: the smoothed labels u and the weighted targets t = w * u.
 
     Soft labels are masked by the user's ``mask`` (masked entries take no part, as in optax);
@@ -325,7 +330,7 @@ def _targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possi
     logit and gives +inf (probability 0), not a silent 0.
     """
     if spec.integer_labels:
-        u = (_class_ids(possible.shape[-1], spec) == labels[..., None]).astype(dtype)
+        u = (_class_ids(possible.shape[-1], spec, columns) == labels[..., None]).astype(dtype)
     else:
         u = masked_fill(labels.astype(dtype), mask, 0.0)
     eps = spec.label_smoothing
@@ -603,9 +608,14 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
 
 
 def row_cotangents(
-    z, labels, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec: Spec
+    z, labels, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec: Spec,
+    *, columns=None,
 ):
     r"""Backward pass: ``(dz, dlabels, dclass_weights)`` from the closed form.
+
+    Every class's cotangent needs only its own logit and the row's saved statistics, so ``z``
+    may hold a slice of the (local) classes: ``columns = (start, total)`` says it holds
+    ``[start, start + K)`` of ``total`` (``mask`` and ``class_weights`` are then sliced alike).
 
     .. math:: dz_k = p_k \big(g (T + 2 \lambda_z \ell) + g_\ell\big) - g\, t_k,
 
@@ -616,13 +626,13 @@ def row_cotangents(
     """
     possible = possible_classes(z, mask)
     capped = masked_fill(softcap(z, spec), possible)
-    u, t = _targets(labels, mask, possible, class_weights, spec, z.dtype, num_possible)
+    u, t = _targets(labels, mask, possible, class_weights, spec, z.dtype, num_possible, columns)
     log_p = normalizer.log_probs(capped)
     lse = finite_or_zero(normalizer.lse)
     coef = g_loss * (target_mass + 2.0 * spec.z_loss * lse) + g_lse
     if spec.integer_labels:
         # A label outside [0, K) has a NaN loss, and so a NaN gradient (ignored labels are 0).
-        num_classes = z.shape[-1] * _class_shards(spec)
+        num_classes = (z.shape[-1] if columns is None else columns[1]) * _class_shards(spec)
         valid = (labels >= 0) & (labels < num_classes)
         coef = jnp.where(valid, coef, jnp.nan)
     dz = jnp.exp(log_p) * coef[..., None] - g_loss[..., None] * t

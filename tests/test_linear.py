@@ -295,13 +295,19 @@ def test_temp_memory_50x_below_naive():
     assert ours * 50 <= naive, (ours, naive)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize(
     "reduction, gradient_filter", [("mean", None), ("none", None), ("mean", 1e-30), ("none", 1e-30)]
 )
-def test_shard_map_class_and_batch_axes(rng, reduction, gradient_filter):
-    """On a 2 x 4 (data x model) mesh: w's V axis split over "model", the rows over "data"."""
+def test_shard_map_class_and_batch_axes(rng, monkeypatch, reduction, gradient_filter, tiled):
+    """On a 2 x 4 (data x model) mesh: w's V axis split over "model", the rows over "data";
+    ``tiled``: gradients over tiles of 4 of the 6 local columns (the class ids offset by the
+    shard's and the tile's start)."""
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
+
+    if tiled:
+        force_column_tiles(monkeypatch, 4)
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     x, w, b, y = make_problem(rng, n=16, d=5, v=24, ignored=(0, 9), dtype=np.float32)
@@ -647,3 +653,98 @@ def test_temp_memory_flat_in_ragged_n(reduction, block_size, ragged, aligned):
     got, want = temp(ragged), temp(aligned)
     assert got <= 1.1 * want, (got, want)
     assert got <= 3 * block_bytes, (got, block_bytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The column-tiled gradient sweep (wide vocabularies): forced on small problems.
+
+
+def force_column_tiles(monkeypatch, cols):
+    """Tiles of ``cols`` columns, and the tiled sweep for the scalar reductions too."""
+    monkeypatch.setattr(_linear, "TILE_BYTES", 1)
+    monkeypatch.setattr(_linear, "MIN_TILE_COLUMNS", cols)
+    monkeypatch.setattr(_linear, "FUSED_MIN_ROWS", 2**30)
+
+
+@pytest.mark.parametrize("gradient_filter", [None, 0.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("v", [8, 16, 21, 5])  # one tile, two, 2 + a ragged 5, narrower than one
+def test_column_tiles_match_unchunked(rng, monkeypatch, v, reduction, gradient_filter):
+    """Tiles of 8 columns, blocks of rows overlapping at the end (13 rows in blocks of 4 * V / 8,
+    at least 4): value and gradients of x, w, bias, class and sample weights equal the
+    unchunked loss's with every option at once."""
+    force_column_tiles(monkeypatch, 8)
+    n = 13
+    assert _linear.tile_shape(n, 6, v, 4) == (max(4, min(n, 4 * v // min(v, 8))), min(v, 8))
+    with jax.enable_x64(True):
+        masked = (2, 7) if v > 7 else (2,)
+        x, w, b, y = make_problem(rng, n=n, v=v, ignored=(1, 6), masked=masked)
+        y[-1] = v - 1  # a label in the ragged last tile's overlap
+        cw = rng.uniform(0.5, 2.0, size=v)
+        sw = rng.uniform(0.5, 2.0, size=n)
+        options = dict(
+            where=np.isin(np.arange(v), masked, invert=True), ignore_index=IGNORE,
+            label_smoothing=0.1, z_loss=0.01, logit_softcap=4.0, base=2,
+        )
+        cotangent = rng.normal(size=n) if reduction == "none" else None
+        pair = lambda opts: both(opts, x, w, b, y, 4, reduction=reduction, cotangent=cotangent)
+        blockwise = pair(dict(options, gradient_filter=gradient_filter))[0]
+        plain = pair(options)[1]
+        args = (x, w, b, cw, sw)
+        got, got_grads = jax.value_and_grad(blockwise, argnums=(0, 1, 2, 3, 4))(*args)
+        want, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2, 3, 4))(*args)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        for g, h, a in zip(got_grads, want_grads, args):
+            assert g.shape == a.shape
+            np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("v", [16, 21])
+def test_column_tiles_with_differentiated_aux_and_bfloat16(rng, monkeypatch, v):
+    """The recomputing backward (aux differentiated) over tiles; bf16 keeps its dtypes."""
+    force_column_tiles(monkeypatch, 8)
+    with jax.enable_x64(True):
+        x, w, b, y = make_problem(rng, n=11, v=v)
+
+        def loss(f):
+            def g(x, w, b):
+                out, aux = f(x, w, b)
+                return jnp.sum(out) + 0.3 * jnp.sum(aux["logsumexp"] * np.arange(11))
+            return g
+
+        kw = dict(z_loss=0.1, return_aux=True, label_smoothing=0.1)
+        tiled = loss(lambda x, w, b: jaxce.linear_softmax_cross_entropy(
+            x, w, y, bias=b, block_size=3, **kw))
+        plain = loss(lambda x, w, b: jaxce.softmax_cross_entropy_with_integer_labels(
+            x @ w + b, y, reduction="mean", **kw))
+        got = jax.value_and_grad(tiled, argnums=(0, 1, 2))(x, w, b)
+        want = jax.value_and_grad(plain, argnums=(0, 1, 2))(x, w, b)
+        for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-12)
+    xb, wb, bb = (jnp.asarray(a, jnp.bfloat16) for a in (x, w, b))
+    f = lambda x, w, b: jaxce.linear_softmax_cross_entropy(x, w, y, bias=b, block_size=3)
+    val, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(xb, wb, bb)
+    ref = jax.grad(f, argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in (xb, wb, bb)))
+    assert val.dtype == jnp.float32
+    for g, h in zip(grads, ref):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(g.astype(np.float32), h, rtol=0.05, atol=2e-3)
+
+
+def test_column_tiles_keep_scratch_flat_in_v():
+    """Default sizes, N=4096 D=512: the scratch of the wide vocabularies (column-tiled) stays
+    within 1.25x of the narrowest's and under 64 MiB, and a ragged N=4000 takes no more."""
+    n, d = 4096, 512
+
+    def temp(n, v):
+        shapes = (
+            jax.ShapeDtypeStruct((n, d), jnp.float32),
+            jax.ShapeDtypeStruct((d, v), jnp.float32),
+            jax.ShapeDtypeStruct((n,), jnp.int32),
+        )
+        return temp_bytes(lambda x, w, y: jaxce.linear_softmax_cross_entropy(x, w, y), *shapes)
+
+    temps = [temp(n, v) for v in (32768, 65536, 131072, 262144)]
+    assert max(temps) <= 1.25 * min(temps), temps
+    assert max(temps) <= 64 * 2**20, temps
+    assert temp(4000, 131072) <= 1.05 * temps[2]
