@@ -38,5 +38,10 @@ def test_public_function_has_args_and_a_runnable_example(name):
 
 
 def test_all_lists_the_public_face():
-    public = {n for n in dir(jaxce) if not n.startswith("_")}
-    assert set(jaxce.__all__) == public, set(jaxce.__all__) ^ public
+    """__all__ is every public function and class, and the losses namespace; the demo's
+    modules (jaxce.train, jaxce.datasets) are attributes only once something imports them."""
+    public = {
+        n for n in dir(jaxce)
+        if not n.startswith("_") and not inspect.ismodule(getattr(jaxce, n))
+    }
+    assert set(jaxce.__all__) == public | {"losses"}, set(jaxce.__all__) ^ (public | {"losses"})
