@@ -520,6 +520,24 @@ def test_gradient_filter_bfloat16_and_jit(rng, monkeypatch):
 RAGGED = [(37, 8), (5, 8), (21, 8)]  # (N, block_size): 4 blocks + 3 rows, N < block, 2 + 5
 
 
+def assert_blockwise_equals_unchunked(rng, options, args, block_size, reduction, gradient_filter):
+    """Value and gradients of x, w, bias, class and sample weights of the blockwise loss (with
+    ``gradient_filter``) equal the unchunked loss's (which takes no filter), in float64."""
+    x, w, b, y, cw, sw = args
+    cotangent = rng.normal(size=len(y)) if reduction == "none" else None
+    pair = lambda opts: both(opts, x, w, b, y, block_size, reduction=reduction,
+                             cotangent=cotangent)
+    blockwise = pair(dict(options, gradient_filter=gradient_filter))[0]
+    plain = pair(options)[1]
+    args = (x, w, b, cw, sw)
+    got, got_grads = jax.value_and_grad(blockwise, argnums=(0, 1, 2, 3, 4))(*args)
+    want, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2, 3, 4))(*args)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for g, h, a in zip(got_grads, want_grads, args):
+        assert g.shape == a.shape
+        np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("gradient_filter", [None, 0.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("n, block_size", RAGGED)
@@ -538,18 +556,8 @@ def test_overlapping_last_block_counts_each_row_once(
             where=np.isin(np.arange(v), (2, 7), invert=True), ignore_index=IGNORE,
             label_smoothing=0.1, z_loss=0.01, logit_softcap=4.0,
         )
-        cotangent = rng.normal(size=n) if reduction == "none" else None
-        pair = lambda opts: both(opts, x, w, b, y, block_size, reduction=reduction,
-                                 cotangent=cotangent)
-        blockwise = pair(dict(options, gradient_filter=gradient_filter))[0]
-        plain = pair(options)[1]  # the unchunked loss takes no gradient_filter
-        args = (x, w, b, cw, sw)
-        got, got_grads = jax.value_and_grad(blockwise, argnums=(0, 1, 2, 3, 4))(*args)
-        want, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2, 3, 4))(*args)
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-        for g, h, a in zip(got_grads, want_grads, args):
-            assert g.shape == a.shape
-            np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-12)
+        args = (x, w, b, y, cw, sw)
+        assert_blockwise_equals_unchunked(rng, options, args, block_size, reduction, gradient_filter)
 
 
 @pytest.mark.parametrize("n, block_size", RAGGED)
@@ -686,17 +694,8 @@ def test_column_tiles_match_unchunked(rng, monkeypatch, v, reduction, gradient_f
             where=np.isin(np.arange(v), masked, invert=True), ignore_index=IGNORE,
             label_smoothing=0.1, z_loss=0.01, logit_softcap=4.0, base=2,
         )
-        cotangent = rng.normal(size=n) if reduction == "none" else None
-        pair = lambda opts: both(opts, x, w, b, y, 4, reduction=reduction, cotangent=cotangent)
-        blockwise = pair(dict(options, gradient_filter=gradient_filter))[0]
-        plain = pair(options)[1]
-        args = (x, w, b, cw, sw)
-        got, got_grads = jax.value_and_grad(blockwise, argnums=(0, 1, 2, 3, 4))(*args)
-        want, want_grads = jax.value_and_grad(plain, argnums=(0, 1, 2, 3, 4))(*args)
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-        for g, h, a in zip(got_grads, want_grads, args):
-            assert g.shape == a.shape
-            np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-12)
+        args = (x, w, b, y, cw, sw)
+        assert_blockwise_equals_unchunked(rng, options, args, 4, reduction, gradient_filter)
 
 
 @pytest.mark.parametrize("v", [16, 21])
