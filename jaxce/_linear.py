@@ -255,6 +255,29 @@ def _add_rows(dx, dxb, start):
     return lax.dynamic_update_slice_in_dim(dx, rows, start, 0)
 
 
+def _block_products(dx, dw, xb, w, dz, start, fresh, g_loss, g_lse, gradient_filter, want,
+                    dtype, add_dw):
+    """A block's share of the gradients: ``dx[start:] += dz w^T`` and ``dw = add_dw(dw, xb,
+    dz)`` (``x_b^T dz`` into the row sweep's ``[D, V]`` or a tile's ``[D, cols]``), each if
+    ``want``-ed; with ``gradient_filter`` the column slabs with negligible ``dz`` are skipped
+    (the rows already counted, not ``fresh``, get an infinite floor: they keep no slab)."""
+    want_dx, want_dw = want[0], want[1]
+    if gradient_filter is not None and (want_dx or want_dw):
+        floor = jnp.where(fresh, gradient_filter * (jnp.abs(g_loss) + jnp.abs(g_lse)), jnp.inf)
+        dxb = jnp.zeros((xb.shape[0], xb.shape[1]), dtype) if want_dx else None
+        dxb, dw = _filtered_products(dxb, dw, xb, w, dz, floor, dtype)
+    else:
+        dzl = dz.astype(w.dtype)  # the matmuls run in the inputs' dtype, accumulate in f32
+        dxb = None
+        if want_dx:
+            dxb = lax.dot_general(dzl, w, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+        if want_dw:
+            dw = add_dw(dw, xb, dzl)
+    if want_dx:
+        dx = _add_rows(dx, dxb, start)
+    return dx, dw
+
+
 def _sweep(
     x, w, bias, labels, mask, class_weights, opts: Options, block: int, *,
     stats=None, g_loss=None, g_lse=None, want=(False, False, False), gradient_filter=None,
@@ -304,22 +327,10 @@ def _sweep(
                 z, yb, mask, class_weights, norm, mass, count, gb, glb, spec
             )
             dx, dw, db, dcw_acc = acc
-            dzl = dz.astype(w.dtype)  # the matmuls run in the inputs' dtype, accumulate in f32
-            if gradient_filter is not None and (want_dx or want_dw):
-                # An infinite floor: the rows already counted keep no slab.
-                floor = jnp.where(fresh, gradient_filter * (jnp.abs(gb) + jnp.abs(glb)), jnp.inf)
-                dxb = jnp.zeros((size, x.shape[1]), dtype) if want_dx else None
-                dxb, dw = _filtered_products(dxb, dw, xb, w, dz, floor, dtype)
-                if want_dx:
-                    dx = _add_rows(dx, dxb, start)
-            else:
-                if want_dx:
-                    dxb = lax.dot_general(
-                        dzl, w, (((1,), (1,)), ((), ())), preferred_element_type=dtype
-                    )
-                    dx = _add_rows(dx, dxb, start)
-                if want_dw:
-                    dw = _add_outer(dw, xb, dzl, dtype)
+            add_dw = lambda dw, xb, dzl: _add_outer(dw, xb, dzl, dtype)
+            dx, dw = _block_products(
+                dx, dw, xb, w, dz, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
+            )
             if want_db:
                 db = db + jnp.sum(dz, axis=0)
             if dcw is not None:
@@ -416,23 +427,12 @@ def _tiled_grads(
             dz, _, dcw_b = row_cotangents(
                 z, yb, mt, cwt, norm, mass, count, gb, glb, spec, columns=(col, num_classes)
             )
-            dzl = dz.astype(w.dtype)  # the matmuls run in the inputs' dtype, accumulate in f32
-            if gradient_filter is not None and (want_dx or want_dw):
-                floor = jnp.where(fresh, gradient_filter * (jnp.abs(gb) + jnp.abs(glb)), jnp.inf)
-                dxb = jnp.zeros((rows, d), dtype) if want_dx else None
-                dxb, dwt = _filtered_products(dxb, dwt, xb, wdx, dz, floor, dtype)
-                if want_dx:
-                    dx = _add_rows(dx, dxb, start)
-            else:
-                if want_dx:
-                    dxb = lax.dot_general(
-                        dzl, wdx, (((1,), (1,)), ((), ())), preferred_element_type=dtype
-                    )
-                    dx = _add_rows(dx, dxb, start)
-                if want_dw:
-                    dwt = dwt + lax.dot_general(
-                        xb, dzl, (((0,), (0,)), ((), ())), preferred_element_type=dtype
-                    )
+            add_dw = lambda dwt, xb, dzl: dwt + lax.dot_general(
+                xb, dzl, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+            )
+            dx, dwt = _block_products(
+                dx, dwt, xb, wdx, dz, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
+            )
             if want_db:
                 dbt = dbt + jnp.sum(dz, axis=0)
             if dcw_b is not None:
