@@ -104,7 +104,7 @@ def memory_table(args):
     for v in (32768, 65536, 131072, 262144):
         ours = temp_bytes(blockwise(args.block_size), n, d, v)
         theirs = temp_bytes(naive, n, d, v)
-        block = args.block_size or _linear.default_block_size(n, v)
+        block = args.block_size or _sweeps.default_block_size(n, v)
         target = {65536: ">=50x", 262144: ">=200x"}.get(v, "")
         if target:
             target += "  " + ("yes" if theirs >= float(target[2:-1]) * ours else "NO")
@@ -116,7 +116,7 @@ def memory_table(args):
 
 def time_table(args):
     n, d, v = (512, 128, 8192) if args.quick else (2048, 256, 32768)
-    block = args.block_size or _linear.default_block_size(n, v)
+    block = args.block_size or _sweeps.default_block_size(n, v)
     rows = [
         ("float32 mean", jnp.float32, blockwise(args.block_size), False, "<=1.0x"),
         ("bfloat16 mean", jnp.bfloat16, blockwise(args.block_size), False, ""),
@@ -159,11 +159,11 @@ SWEEP_V = (32768, 65536, 131072, 262144)
 
 def walk(n, d, v, block_size):
     """How the step walks: "fused" (gradients in the row sweep) or "tiled" (a column sweep)."""
-    block = block_size or _linear.default_block_size(n, v)
+    block = block_size or _sweeps.default_block_size(n, v)
     fuses = getattr(_linear, "fuses_gradients", None)  # absent before the column-tiled sweep
     if fuses is None:
         return f"fused, block {block}"
-    rows, cols = _linear.tile_shape(n, d, v, block)
+    rows, cols = _sweeps.tile_shape(n, d, v, block)
     return f"fused, block {block}" if fuses(v, block, (rows, cols)) else f"tiled {rows}x{cols}"
 
 
@@ -231,7 +231,7 @@ def make_peaked_inputs(n, d, v, case, seed=0):
 
 def skipped_share(x, w, y, block, threshold):
     """Share of (row block, column slab) pairs whose |p - y| all lie below ``threshold``."""
-    cols = min(_linear._slab_columns(w.shape[0]), _linear.FILTER_COLUMNS)
+    cols = min(_sweeps._slab_columns(w.shape[0]), _sweeps.FILTER_COLUMNS)
     skipped = total = 0
     for r in range(0, x.shape[0], block):
         z = np.asarray(x[r : r + block] @ w, np.float64)
@@ -250,14 +250,14 @@ def rel_err(got, want):
 
 def filter_table(args):
     n, d, v = (512, 128, 8192) if args.quick else (2048, 256, 32768)
-    block = args.block_size or _linear.default_block_size(n, v)
+    block = args.block_size or _sweeps.default_block_size(n, v)
     header = (
         f"{'case':<19}{'filt ms':>9}{'exact ms':>10}{'naive ms':>10}{'f/exact':>9}{'f/naive':>9}"
         f"{'skipped':>9}{'dx err':>9}{'dw err':>9}"
     )
     lines = [
         f"gradient_filter={FILTER:.3g} (2**-12): N={n} D={d} V={v} float32, block_size={block}, "
-        f"slab={min(_linear._slab_columns(d), _linear.FILTER_COLUMNS)} columns; "
+        f"slab={min(_sweeps._slab_columns(d), _sweeps.FILTER_COLUMNS)} columns; "
         f"median of {args.repeats} pairs",
         header,
         "-" * len(header),

@@ -45,12 +45,12 @@ import jax.numpy as jnp
 import jax.scipy.special
 from jax.typing import ArrayLike
 
-from ._information import xdiff, xlogy
-from ._losses import sigmoid_binary_cross_entropy as _sigmoid_binary_cross_entropy
-from ._losses import softmax_cross_entropy as _softmax_cross_entropy
-from ._losses import (
+from ._binary import sigmoid_binary_cross_entropy as _sigmoid_binary_cross_entropy
+from ._cross_entropy import softmax_cross_entropy as _softmax_cross_entropy
+from ._cross_entropy import (
     softmax_cross_entropy_with_integer_labels as _softmax_cross_entropy_with_integer_labels,
 )
+from ._information import xdiff, xlogy
 from ._softmax import masked_fill
 from ._softmax import softmax as _softmax
 from ._validation import broadcast_mask, canonical_axes, check_floating, compute_dtype

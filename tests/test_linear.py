@@ -14,7 +14,7 @@ import pytest
 from scipy.special import logsumexp
 
 import jaxce
-from jaxce import _linear
+from jaxce import _sweeps
 
 IGNORE = -100
 
@@ -137,7 +137,7 @@ def test_float32_matches_numpy(rng, n, v, block_size):
 def test_ragged_blocks(rng, monkeypatch, n, v, block_size):
     # A tiny byte budget makes the dw accumulation go column slab by column slab (128 wide),
     # so V=300 also has a ragged last slab.
-    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)
+    monkeypatch.setattr(_sweeps, "SLAB_BYTES", 1024)
     with jax.enable_x64(True):
         x, w, b, y = make_problem(rng, n=n, v=v)
         blockwise, plain = both(dict(label_smoothing=0.1), x, w, b, y, block_size)
@@ -150,10 +150,10 @@ def test_ragged_blocks(rng, monkeypatch, n, v, block_size):
 def test_default_block_size_is_flat_in_v():
     expected = {32768: 256, 65536: 128, 131072: 64, 262144: 32}  # 32 MiB / (4 B * V)
     for v, rows in expected.items():
-        assert _linear.default_block_size(4096, v) == rows
-        assert rows * v * 4 * _linear._TEMPS_PER_ROW <= _linear.BLOCK_BYTES
-    assert _linear.default_block_size(4096, 2**24) == 8  # never fewer than 8 rows
-    assert _linear.default_block_size(5, 10) == 5
+        assert _sweeps.default_block_size(4096, v) == rows
+        assert rows * v * 4 * _sweeps._TEMPS_PER_ROW <= _sweeps.BLOCK_BYTES
+    assert _sweeps.default_block_size(4096, 2**24) == 8  # never fewer than 8 rows
+    assert _sweeps.default_block_size(5, 10) == 5
 
 
 def test_bfloat16(rng):
@@ -400,7 +400,7 @@ def assert_within_filter_bound(dx, dw, exact_dx, exact_dw, x, w, scale, threshol
 @pytest.mark.parametrize("threshold", [1e-3, 3.5e-4])  # the latter keeps 1 slab more
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradient_filter_skips_slabs_within_the_bound(rng, monkeypatch, reduction, threshold):
-    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)  # 128-column slabs: 3 per block at V=300
+    monkeypatch.setattr(_sweeps, "SLAB_BYTES", 1024)  # 128-column slabs: 3 per block at V=300
     block, n = 8, 24
     with jax.enable_x64(True):
         x, w, b, y = peaked_problem(rng, n=n)
@@ -435,7 +435,7 @@ def test_gradient_filter_skips_slabs_within_the_bound(rng, monkeypatch, reductio
 
 @pytest.mark.parametrize("threshold", [0.0, 1e-30])
 def test_gradient_filter_zero_is_exact(rng, monkeypatch, threshold):
-    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)
+    monkeypatch.setattr(_sweeps, "SLAB_BYTES", 1024)
     with jax.enable_x64(True):
         x, w, b, y = peaked_problem(rng)
         for reduction in ("mean", "none"):
@@ -458,7 +458,7 @@ def test_gradient_filter_zero_is_exact(rng, monkeypatch, threshold):
 )
 def test_gradient_filter_bound_with_options(rng, monkeypatch, options):
     """The bound holds for every option: scale_n = |d loss / d loss_n| (+ |d loss / d lse_n|)."""
-    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)
+    monkeypatch.setattr(_sweeps, "SLAB_BYTES", 1024)
     threshold, n = 1e-3, 24
     with jax.enable_x64(True):
         x, w, b, y = peaked_problem(rng, n=n)
@@ -487,7 +487,7 @@ def test_gradient_filter_bound_with_options(rng, monkeypatch, options):
 
 
 def test_gradient_filter_bfloat16_and_jit(rng, monkeypatch):
-    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)
+    monkeypatch.setattr(_sweeps, "SLAB_BYTES", 1024)
     threshold, n = 2.0**-8, 24
     x, w, b, y = peaked_problem(rng, n=n)
     xb, wb = (jnp.asarray(a, jnp.bfloat16) for a in (x, w))
@@ -612,7 +612,7 @@ def test_gradient_filter_overlapping_last_block(rng, monkeypatch, reduction):
     """With a ragged batch the last block (rows 13..20 of 21) keeps or skips a slab by its own
     rows 16..20 only, as the reference's smaller last block does: the rows it re-reads (their
     cotangent zeroed) keep no slab, so it still skips the middle one."""
-    monkeypatch.setattr(_linear, "SLAB_BYTES", 1024)  # 128-column slabs: 3 per block at V=300
+    monkeypatch.setattr(_sweeps, "SLAB_BYTES", 1024)  # 128-column slabs: 3 per block at V=300
     threshold, block, n = 1e-3, 8, 21
     with jax.enable_x64(True):
         x, w, b, y = peaked_problem(rng, n=n)
@@ -669,9 +669,9 @@ def test_temp_memory_flat_in_ragged_n(reduction, block_size, ragged, aligned):
 
 def force_column_tiles(monkeypatch, cols):
     """Tiles of ``cols`` columns, and the tiled sweep for the scalar reductions too."""
-    monkeypatch.setattr(_linear, "TILE_BYTES", 1)
-    monkeypatch.setattr(_linear, "MIN_TILE_COLUMNS", cols)
-    monkeypatch.setattr(_linear, "FUSED_MIN_ROWS", 2**30)
+    monkeypatch.setattr(_sweeps, "TILE_BYTES", 1)
+    monkeypatch.setattr(_sweeps, "MIN_TILE_COLUMNS", cols)
+    monkeypatch.setattr(_sweeps, "FUSED_MIN_ROWS", 2**30)
 
 
 @pytest.mark.parametrize("gradient_filter", [None, 0.0])
@@ -683,7 +683,7 @@ def test_column_tiles_match_unchunked(rng, monkeypatch, v, reduction, gradient_f
     unchunked loss's with every option at once."""
     force_column_tiles(monkeypatch, 8)
     n = 13
-    assert _linear.tile_shape(n, 6, v, 4) == (max(4, min(n, 4 * v // min(v, 8))), min(v, 8))
+    assert _sweeps.tile_shape(n, 6, v, 4) == (max(4, min(n, 4 * v // min(v, 8))), min(v, 8))
     with jax.enable_x64(True):
         masked = (2, 7) if v > 7 else (2,)
         x, w, b, y = make_problem(rng, n=n, v=v, ignored=(1, 6), masked=masked)

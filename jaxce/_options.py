@@ -1,0 +1,291 @@
+"""The options shared by every softmax cross-entropy path: validation, labels and masks,
+sample weights, reductions and the aux outputs, outside the custom VJP."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ._rows import label_lookup, z_loss_term
+from ._softmax import move_axes_last
+from ._spec import Spec, class_sum, varying_axes
+from ._validation import (
+    broadcast_mask,
+    canonical_axes,
+    check_floating,
+    check_integer,
+    check_nonnegative_option,
+    check_reduction,
+    check_shape,
+    check_softcap,
+    compute_dtype,
+    log_base,
+    static_int,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Weighting and reduction, outside the custom VJP: autodiff covers sample weights and the
+# denominator, and the custom VJP sees the per-example cotangent.
+
+
+def _mean(num, den):
+    """``num / den``; 0 / 0 is 0 (nothing counted), while x / 0 for x != 0 is NaN (undefined).
+
+    x / 0 arises when the counted examples' weights sum to 0 but their losses do not (class
+    weights 0 on every label, with label smoothing putting mass on other classes); its
+    gradient is NaN too (``num * nan``), so value and gradient agree.
+    """
+    # num times a factor that depends on num only through a compare: its gradient is the
+    # factor, NaN only where the mean is (a NaN in a select's untaken branch would leak).
+    factor = jnp.where(den != 0, 1.0 / jnp.where(den != 0, den, 1.0), jnp.where(num == 0, 0.0, jnp.nan))
+    return num * factor
+
+
+def reduce_losses(
+    loss, counted, norm, reduction: str, scale: float, batch_axis_name=None
+) -> jax.Array:
+    """Reduce per-example losses that are already 0 on the uncounted examples.
+
+    ``norm`` is each counted example's share of the mean's denominator; ``scale`` is ln(base).
+    ``batch_axis_name`` makes the sums global across a sharded batch.
+    """
+    if reduction == "none":
+        return loss / scale
+    total = jnp.sum(loss)
+    if batch_axis_name is not None:
+        total = lax.psum(total, batch_axis_name)
+    if reduction == "sum":
+        return total / scale
+    den = jnp.sum(jnp.where(counted, norm, 0.0))
+    if batch_axis_name is not None:
+        den = lax.psum(den, batch_axis_name)
+    return _mean(total, den) / scale
+
+
+def label_class_weights(class_weights, labels, spec: Spec):
+    """:math:`w_{y_n}` by an O(N) gather from the local slice (0 for labels outside [0, K))."""
+    return label_lookup(class_weights, labels, spec)[0]
+
+
+class Options(NamedTuple):
+    """Validated options shared by every softmax cross-entropy entry point."""
+
+    spec: Spec
+    scale: float
+    reduction: str
+    return_aux: bool
+    ignore_index: int | None
+    batch_axis_name: Any
+
+
+def make_options(
+    *,
+    integer_labels: bool,
+    label_smoothing,
+    z_loss,
+    logit_softcap,
+    base,
+    reduction,
+    return_aux,
+    ignore_index=None,
+    class_axis_name=None,
+    batch_axis_name=None,
+) -> Options:
+    check_reduction(reduction)
+    ignore_index = static_int("ignore_index", ignore_index, optional=True)
+    spec = Spec(
+        integer_labels=integer_labels,
+        label_smoothing=check_nonnegative_option("label_smoothing", label_smoothing, upper=1.0),
+        z_loss=check_nonnegative_option("z_loss", z_loss),
+        logit_softcap=check_softcap(logit_softcap),
+        class_axis_name=class_axis_name,
+    )
+    return Options(spec, log_base(base), reduction, bool(return_aux), ignore_index, batch_axis_name)
+
+
+def check_varying(opts: Options, class_operand, batch_operand) -> None:
+    """Raise unless the operands vary over the mesh axes named for the classes and the batch.
+
+    Inside ``shard_map`` with ``check_vma=False`` JAX tracks no varying axes, and the
+    gradients (summed over the shards of an operand replicated on an axis, see ``sum_like``)
+    would be silently wrong; an operand replicated on the axis said to split it is a mistake
+    too. Outside ``shard_map`` no axis is named and nothing is checked.
+    """
+    named = (("class_axis_name", opts.spec.class_axis_name, class_operand),
+             ("batch_axis_name", opts.batch_axis_name, batch_operand))
+    for option, axis, (operand_name, operand) in named:
+        if axis is not None and axis not in varying_axes(operand):
+            raise ValueError(
+                f"{option}={axis!r}, but {operand_name} does not vary over mesh axis {axis!r} "
+                f"(it varies over {sorted(varying_axes(operand))}): call jaxce inside "
+                "jax.shard_map with check_vma=True (the default), with the operand sharded "
+                f"over {axis!r}"
+            )
+
+
+def check_weights(class_weights, sample_weights, num_classes, batch_shape):
+    """Validate and upcast the optional weights; class weights come back with shape (K,)."""
+    if class_weights is not None:
+        class_weights = jnp.asarray(class_weights)
+        check_floating("class_weights", class_weights)
+        if class_weights.size != num_classes or class_weights.ndim == 0:
+            raise ValueError(
+                f"class_weights shape {class_weights.shape} does not match the {num_classes} classes"
+            )
+        class_weights = class_weights.reshape(-1).astype(compute_dtype(class_weights.dtype))
+    if sample_weights is not None:
+        sample_weights = jnp.asarray(sample_weights)
+        check_floating("sample_weights", sample_weights)
+        check_shape("sample_weights", sample_weights, batch_shape, "the batch shape")
+        sample_weights = sample_weights.astype(compute_dtype(sample_weights.dtype))
+    return class_weights, sample_weights
+
+
+def finish(stats_loss, lse, correct, labels, counted, class_weights, sample_weights, opts: Options):
+    """Apply sample weights, reduction and base; build the aux dict. Shared by every path."""
+    spec = opts.spec
+    # Uncounted rows take no part: their loss (NaN for an ignored label that matches no class)
+    # and their sample weight (even NaN) are zeroed before they meet, so neither reaches the
+    # other's gradient (the double where).
+    loss = jnp.where(counted, stats_loss, 0.0)
+    norm = jnp.ones_like(loss)
+    if spec.integer_labels and class_weights is not None:
+        norm = label_class_weights(class_weights, labels, spec)
+    if sample_weights is not None:
+        weights = jnp.where(counted, sample_weights, 0.0)
+        loss, norm = loss * weights, norm * weights
+    out = reduce_losses(loss, counted, norm, opts.reduction, opts.scale, opts.batch_axis_name)
+    if not opts.return_aux:
+        return out
+    aux = {"logsumexp": lse, "z_loss": z_loss_term(lse, spec) / opts.scale}
+    if spec.integer_labels:
+        aux["correct"] = (correct > 0.5) & counted
+    return out, aux
+
+
+def counted_rows(mask, ignored, batch_shape, spec: Spec):
+    """Examples that count: not ignored, and with at least one unmasked class (all shards)."""
+    counted = jnp.ones(batch_shape, bool) if ignored is None else ~ignored
+    if mask is not None:
+        held = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+        counted = counted & (class_sum(held, spec) > 0)
+    return jnp.broadcast_to(counted, batch_shape)
+
+
+_INT32 = jnp.iinfo(jnp.int32)
+
+
+def integer_labels(labels, batch_shape, what: str, ignore_index: int | None):
+    """Validate integer labels; return ``(ids, ignored)``: int32 class ids and the ignore mask.
+
+    Every comparison is exact whatever the labels' dtype: K, the class offsets and
+    ``ignore_index`` are never converted into a narrow dtype, where they would wrap (K = 256
+    is 0 in uint8, -100 is 156). Labels that do not fit in int32 become -1, outside every
+    [0, K): NaN, never another class. ``ignored`` (None without ``ignore_index``) compares
+    the original labels, and is all False when ``ignore_index`` is not a value of their dtype;
+    ignored examples get the id 0 (they take no part, and an id outside [0, K) would give its
+    row a NaN gradient).
+    With 64-bit types disabled JAX truncates int64 labels to int32 (2**32 + 1 would become
+    class 1); NumPy input is checked here for that, and raises.
+    """
+    if isinstance(labels, (np.ndarray, np.generic)) and labels.dtype.kind in "iu":
+        out_of_int32 = (labels < _INT32.min) | (labels > _INT32.max)
+        if not jax.config.jax_enable_x64 and labels.dtype.itemsize == 8 and np.any(out_of_int32):
+            raise ValueError(
+                f"labels hold {labels[out_of_int32].flat[0]}, beyond int32, which JAX truncates "
+                "to another class while 64-bit types are disabled (enable jax_enable_x64)"
+            )
+    labels = jnp.asarray(labels)
+    check_integer("labels", labels)
+    check_shape("labels", labels, batch_shape, what)
+    info = jnp.iinfo(labels.dtype)
+    ids = labels
+    if info.max > _INT32.max or info.min < _INT32.min:
+        ids = jnp.where((labels >= max(info.min, _INT32.min)) & (labels <= _INT32.max), labels, -1)
+    ids = ids.astype(jnp.int32)
+    ignored = None
+    if ignore_index is not None:
+        representable = info.min <= ignore_index <= info.max
+        ignored = (labels == ignore_index) if representable else jnp.zeros(labels.shape, bool)
+        ids = jnp.where(ignored, 0, ids)  # any class: their loss and gradient are zeroed
+    return ids, ignored
+
+
+def _check_unambiguous(where, logits_shape, batch_shape, opts: Options) -> None:
+    """Inside ``shard_map`` with the classes split, refuse a mask of the batch shape that is
+    also a mask of the trailing (class) shape: on one device the global shapes tell which it
+    is, but the local shard's shapes may coincide (4 rows x 4 classes of 16)."""
+    if where is None or opts.spec.class_axis_name is None:
+        return
+    shape = jnp.shape(where)
+    if len(shape) < len(logits_shape) and shape == batch_shape == logits_shape[-len(shape):]:
+        raise ValueError(
+            f"where shape {shape} is both the local batch shape and the local class shape of "
+            f"logits {logits_shape} inside shard_map: give it the logits' rank, with size-1 "
+            f"axes where it does not vary (e.g. {(1,) * (len(logits_shape) - len(shape)) + shape} "
+            f"for a class mask, {shape + (1,) * (len(logits_shape) - len(shape))} for an "
+            "example mask with the classes last)"
+        )
+
+
+def logits_in_rows(logits, axis, where, opts: Options, name="logits"):
+    logits = jnp.asarray(logits)
+    check_floating(name, logits)
+    axes = canonical_axes(axis, logits.ndim)
+    if opts.spec.class_axis_name is not None and list(axes) != sorted(axes):
+        # A shard holds a contiguous slice of the flat class index only when the split (the
+        # leading) class axis is also the major one of the flattening.
+        raise ValueError(
+            f"axis {axis} must list the class axes in increasing order with class_axis_name "
+            f"(got {axes} for logits of rank {logits.ndim})"
+        )
+    batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
+    _check_unambiguous(where, logits.shape, batch_shape, opts)
+    mask = broadcast_mask(where, logits.shape, axes)
+    if not all(logits.shape[a] for a in axes):
+        class_shape = tuple(logits.shape[a] for a in axes)
+        raise ValueError(f"{name} have no classes: axis {axis} of shape {logits.shape} is {class_shape}")
+    flat = move_axes_last(logits, axes)
+    return flat, (None if mask is None else move_axes_last(mask, axes)), axes, batch_shape
+
+
+def with_option_doc(fn):
+    """Put the options shared by both softmax cross-entropies (``_OPTION_DOC``) into ``fn``'s
+    docstring at ``{options}``: a docstring must be a literal, so it cannot be concatenated."""
+    fn.__doc__ = fn.__doc__.replace("{options}\n", _OPTION_DOC.lstrip("\n"))
+    return fn
+
+
+_OPTION_DOC = r"""
+      where: boolean mask broadcastable to ``logits`` (a mask of the batch shape masks whole
+        examples, as in optax). Masked classes take no part; a fully masked example has loss 0,
+        gradient 0, and does not count in ``"mean"``. Inside ``shard_map`` with the classes
+        split, a mask whose shape is both the local batch shape and the local class shape is
+        refused as ambiguous: give it the logits' rank.
+      label_smoothing: :math:`\varepsilon \in [0, 1)`; targets become
+        :math:`(1 - \varepsilon) y + \varepsilon / K` over the unmasked classes.
+      class_weights: shape ``[K]``; weight :math:`w_k` multiplies class k's term.
+      sample_weights: the batch shape; multiplies each example's loss.
+      z_loss: :math:`\lambda_z \ge 0`; adds :math:`\lambda_z \operatorname{lse}(z)^2` per example
+        (PaLM's auxiliary loss).
+      logit_softcap: :math:`c \in (0, 2^{100}]`; logits pass through :math:`c \tanh(z / c)`
+        first (Gemma 2); a :math:`-\infty` logit stays an impossible class.
+      base: logarithm base of the loss (``None`` nats, ``2`` bits, ``10`` hartleys); loss and
+        gradient are divided by :math:`\ln b`.
+      reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"``: the sum divided by the
+        counted examples' total weight (their sample weights, times :math:`w_{y_n}` with class
+        weights and integer labels); 0 when nothing counts (0 / 0), NaN when that weight is 0
+        but the sum is not (x / 0: class weights 0 on every label, with smoothing).
+      return_aux: also return a dict with per-example ``logsumexp``, the ``z_loss`` term (0 for
+        an example without a possible class) and (integer labels) ``correct``: whether the
+        label's logit is the largest (False for an impossible or out-of-range label).
+      class_axis_name: inside ``shard_map``, the mesh axis over which the class axis is split
+        (each device holds a contiguous slice, in device order); the losses combine O(N)
+        statistics with ``pmax``/``psum`` and give the single-device numbers. ``shard_map``
+        must keep ``check_vma=True``: without it the gradients would be wrong, and the losses
+        raise.
+      batch_axis_name: the mesh axis over which the batch is split; ``"sum"`` and ``"mean"``
+        become global.
+"""

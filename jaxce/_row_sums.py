@@ -1,0 +1,204 @@
+"""Sums over the classes of a block of rows, in the forms XLA:CPU computes fastest: the
+upcasts, the softcap, the possible classes and the targets the row statistics are built from."""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._softmax import masked_fill
+from ._spec import Spec, class_ids, class_sum, vary_over, varying_axes
+from ._validation import (
+    compute_dtype,
+)
+
+# ----------------------------------------------------------------------------------------------
+# The shared mathematics on a block of rows holding all (local) classes: z is [..., K_local].
+
+
+def upcast_unshared(x: jax.Array) -> jax.Array:
+    """``x`` in the compute dtype; bfloat16 by its bits (exact), never by a shared ``convert``.
+
+    bfloat16 is the upper half of a float32, so a 16-bit shift of its bits is the exact
+    conversion. XLA:CPU merges equal ``convert``s of the logits (and rewrites
+    ``convert(gather(z))`` as ``gather(convert(z))``); a convert with several users is not
+    fused into the forward's reduction but written out whole: a float32 copy of the logits in
+    temp memory (twice their size) and its page faults on every call. The label's logit and
+    the backward pass (logits and soft labels) therefore upcast by bits; the forward's
+    reductions keep the plain convert, each inside its own computation (see
+    ``unless_impossible``).
+    """
+    if x.dtype == jnp.uint16:  # the bits of bfloat16 values
+        return lax.bitcast_convert_type(x.astype(jnp.uint32) << 16, jnp.float32)
+    if x.dtype == jnp.bfloat16:
+        return upcast_unshared(lax.bitcast_convert_type(x, jnp.uint16))
+    return x.astype(compute_dtype(x.dtype))
+
+
+def softcap(z: jax.Array, spec: Spec) -> jax.Array:
+    r""":math:`c \tanh(z / c)` (Gemma 2's logit soft-capping), or ``z`` when no cap is set."""
+    c = spec.logit_softcap
+    return z if c is None else c * jnp.tanh(z / c)
+
+
+def possible_classes(z, mask):
+    """The classes that can have probability > 0: unmasked, with a logit above -inf.
+
+    A -inf logit is an impossible class (before the softcap, which would map it to the finite
+    -c): it gets probability 0 and label smoothing spreads no mass onto it.
+    """
+    possible = z > -jnp.inf
+    return possible if mask is None else possible & mask
+
+
+# XLA:CPU fuses arithmetic (add, mul, exp, max, min, upcasts, row broadcasts) into a reduction,
+# but a compare, select, iota or integer convert inside one is not fused: its [N, K] operand is
+# written to memory first and the pass is several times slower. The forward sums below are
+# therefore pure arithmetic where they can be: a fast form that is exact when a row holds no
+# -inf logit, and under a `lax.cond` an exact select-free form for the other rows. The cond's
+# branches build their arrays from the raw inputs (a cond operand is materialised, and an
+# upcast bf16 operand would be written out in float32).
+
+
+def possible_indicator(z):
+    """1 for a logit above -inf, 0 for -inf, as ``min(exp(z - lowest), 1)``: no compare.
+
+    Piecewise constant, so its gradient is 0 (and never inf * 0 from the overflowing exp).
+    """
+    lowest = jnp.finfo(z.dtype).min
+    return lax.stop_gradient(jnp.minimum(jnp.exp(z - lowest), 1.0))
+
+
+def finite_gap(t, z, shift):
+    """``sum_k t_k (c - z_k)``, reading a -inf logit as a finite one: exact where t_k = 0 there.
+
+    The halves ``c/2 - max(z, lowest)/2`` are finite for every pair, so a zero target on an
+    impossible class gives 0, not 0 * inf; doubling the sum overflows to +inf exactly when
+    the full-scale sum would (halving and doubling are exact in binary floating point).
+    """
+    half = 0.5 * shift[..., None] - 0.5 * jnp.maximum(z, jnp.finfo(z.dtype).min)
+    return 2.0 * jnp.sum(t * half, axis=-1)
+
+
+def exact_gap(t, z, shift):
+    """``sum_k xdiff(t_k, c, z_k)`` without selects: +inf where a target t_k > 0 meets -inf."""
+    lost = jnp.sum(t * (1.0 - possible_indicator(z)), axis=-1)  # mass on impossible classes
+    return jnp.where(lost > 0, jnp.inf, finite_gap(t, z, shift))
+
+
+def if_all_finite(check, fast, exact):
+    """``fast()`` if all of ``check`` is finite, else ``exact()``.
+
+    Under ``shard_map`` both branches must vary over the same mesh axes: ``fast`` builds its
+    constants from data (``0 * x + K``), not with ``jnp.full``.
+    """
+    return lax.cond(jnp.all(jnp.isfinite(check)), fast, exact)
+
+
+def _no_impossible(raw):
+    """Whether no logit of ``raw`` is -inf: a min in their own dtype (True when empty)."""
+    return jnp.min(raw, initial=jnp.inf) > -jnp.inf
+
+
+def unless_impossible(raw, fast, exact, spec: Spec):
+    """``fast()`` if no logit of ``raw`` is -inf, else ``exact()``; both build from raw inputs.
+
+    float32 logits without a softcap: ``fast()`` runs first, and its results are the test (a
+    -inf logit makes the fast sums infinite or NaN), at no cost. Otherwise the test is a min of
+    the raw logits (the softcap maps -inf to the finite -c, so the sums cannot tell), and
+    ``fast()`` runs inside the cond: for bfloat16 / float16 its upcast of the logits is then its
+    own, where XLA:CPU merges equal upcasts and writes one feeding two reductions out whole as
+    a float32 copy (twice the logits' size, and its page faults on every call).
+    """
+    if not low_precision(raw) and spec.logit_softcap is None:
+        value = fast()
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(value)]))
+        return lax.cond(finite, lambda: value, exact)
+    return lax.cond(_no_impossible(raw), fast, exact)
+
+
+def low_precision(raw) -> bool:
+    return raw.dtype != compute_dtype(raw.dtype)
+
+
+def in_row_blocks(fn, raw, *rows, blocked: bool = True):
+    """``fn(raw, *rows)`` computed over blocks of rows with ``lax.map``: for the exact sums.
+
+    ``raw`` is [..., K]; each of ``rows`` (or None) has the same leading batch shape; ``fn``
+    maps them to arrays of the batch shape. A low-precision upcast feeding several
+    reductions is written out whole (see ``upcast_unshared``), and so is a select (a masked
+    or softcapped logit) feeding several; in blocks, that scratch is one block's (at most
+    4 MiB of float32), not the logits' size. bfloat16 blocks enter as bits and are upcast by
+    them: XLA turns the converts of the blocks into one convert of the whole array before the
+    loop. ``blocked=False`` computes ``fn`` on the whole batch at once (the caller knows it
+    shares no upcast or select).
+    """
+    if not blocked:
+        return fn(raw, *rows)
+    batch = raw.shape[:-1]
+    bits = lambda x: lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+    unbits = lambda x: upcast_unshared(x) if x.dtype == jnp.uint16 else x
+    flat = jax.tree.map(lambda r: bits(r).reshape((-1,) + r.shape[len(batch):]), (raw, *rows))
+    # Inside shard_map lax.map needs its inputs to vary over the same mesh axes.
+    axes = frozenset().union(*map(varying_axes, jax.tree.leaves(flat)))
+    flat = jax.tree.map(lambda r: vary_over(r, axes - varying_axes(r)), flat)
+    block = max(1, 2**20 // raw.shape[-1])
+    out = lax.map(lambda xs: fn(*jax.tree.map(unbits, xs)), flat, batch_size=block)
+    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+
+def count_possible(raw, mask, class_weights, spec: Spec):
+    """``(K_m, W_m)``: the number and total weight of each row's possible classes (all shards).
+
+    Without a mask: K and sum(w) when no logit is -inf (a min pass tests it, no count);
+    otherwise, under a cond, sums of the arithmetic indicator (a count of compares would be
+    written out as [N, K]). With a mask: the sums of the mask of possible classes.
+    """
+    dtype = compute_dtype(raw.dtype)
+    w = jnp.ones(raw.shape[-1:], dtype) if class_weights is None else class_weights
+
+    def sums(raw, mask):
+        m = (possible_classes(raw, mask).astype(dtype) if mask is not None
+             else possible_indicator(raw.astype(dtype)))
+        return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1)
+
+    if mask is not None:
+        counts = sums(raw, mask)
+    else:
+        first = upcast_unshared(raw[..., 0])  # (a row vector from data, see if_all_finite)
+        counts = lax.cond(
+            _no_impossible(raw),
+            lambda: (0.0 * first + raw.shape[-1], 0.0 * first + jnp.sum(w)),
+            lambda: in_row_blocks(lambda raw: sums(raw, None), raw, blocked=low_precision(raw)),
+        )
+    return tuple(class_sum(c, spec) for c in counts)
+
+
+def capped_logits(raw, mask, spec: Spec):
+    """The softcapped logits with impossible classes at -inf, in the compute dtype.
+
+    Without a mask or cap this is just the upcast: a -inf logit already is -inf, and no
+    select is built (it would be written out before each reduction).
+    """
+    z = softcap(raw.astype(compute_dtype(raw.dtype)), spec)
+    if mask is None and spec.logit_softcap is None:
+        return z
+    return masked_fill(z, possible_classes(raw, mask))
+
+
+def smoothed_targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possible, columns=None):
+    """``(u, t)``: the smoothed labels u and the weighted targets t = w * u.
+
+    Soft labels are masked by the user's ``mask`` (masked entries take no part, as in optax);
+    an integer label is never masked away, so a label on a masked or -inf class meets a -inf
+    logit and gives +inf (probability 0), not a silent 0.
+    """
+    if spec.integer_labels:
+        u = (class_ids(possible.shape[-1], spec, columns) == labels[..., None]).astype(dtype)
+    else:
+        u = masked_fill(labels.astype(dtype), mask, 0.0)
+    eps = spec.label_smoothing
+    if eps:  # K_m (num_possible) comes from the forward pass: no recount
+        share = eps / jnp.maximum(num_possible, 1.0)[..., None]
+        u = (1.0 - eps) * u + jnp.where(possible, share, 0.0)
+    t = u if class_weights is None else u * class_weights
+    return u, t

@@ -1,0 +1,409 @@
+r"""Cross-entropy losses on logits, with closed-form :math:`p - y` backward passes.
+
+One piece of mathematics serves every path (in place, blockwise in :mod:`jaxce._linear`, and
+sharded across a mesh axis). For one example with (softcapped) logits :math:`z`, class mask
+:math:`m`, class weights :math:`w` and labels :math:`y` (a distribution, or a one-hot picked
+by comparing an iota with the integer label), the effective target is
+
+.. math::
+    t_k = w_k\, m_k \big((1 - \varepsilon)\, y_k + \varepsilon / K_m\big),
+    \qquad K_m = \textstyle\sum_k m_k,
+
+and the loss, with :math:`T = \sum_k t_k` and :math:`\ell = \operatorname{lse}(z)`, is
+
+.. math::
+    L = \sum_k t_k (\ell - z_k) + \lambda_z \ell^2
+      = T \log s + \sum_k t_k (c - z_k) + \lambda_z \ell^2,
+
+with :math:`s = \sum_k e^{z_k - c}` for a per-row shift :math:`c`. Label distributions take
+the maximum :math:`c = \max_k z_k`: every term on the right is then non-negative, so there is
+no cancellation even for logits of 1e4. Integer labels take the label's own logit
+:math:`c = z_y`, which needs no max pass: the plain loss is then :math:`\log s \ge 0` itself
+(the label's term of s is 1), and a row whose :math:`e^{z_k - z_y}` overflows falls back to
+the maximum. Its gradient is
+
+.. math::
+    \frac{\partial L}{\partial z_k} = p_k (T + 2 \lambda_z \ell) - t_k,
+
+which is :math:`p - y` for a plain one-hot or distribution label. Everything a path needs
+is a gathered label logit or a max, and sums over classes; a sharded path combines them with
+``psum``/``pmax``.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._information import xdiff
+from ._row_sums import (
+    capped_logits,
+    count_possible,
+    exact_gap,
+    finite_gap,
+    if_all_finite,
+    in_row_blocks,
+    low_precision,
+    possible_classes,
+    possible_indicator,
+    smoothed_targets,
+    softcap,
+    unless_impossible,
+    upcast_unshared,
+)
+from ._softmax import finite_or_zero, masked_fill
+from ._spec import Spec, class_max, class_offset, class_shards, class_sum, sum_like
+from ._validation import (
+    compute_dtype,
+)
+
+
+class Normalizer(NamedTuple):
+    """Each row's log-normaliser, kept in two parts so that no precision is lost.
+
+    :math:`\\operatorname{lse}(z) = c + \\log s` with a finite per-row shift :math:`c` and
+    :math:`s = \\sum_k e^{z_k - c}`: the row's maximum (soft labels), or the label's logit
+    (integer labels, where :math:`\\log s` is then the loss itself). For logits near 1e4
+    (or 3e38) the sum ``c + log s`` rounds away most of ``log s``; probabilities formed as
+    ``exp((z - c) - log s)`` keep it.
+    """
+
+    shift: jax.Array
+    log_sum: jax.Array
+
+    @property
+    def lse(self) -> jax.Array:
+        return self.shift + self.log_sum
+
+    def log_probs(self, z: jax.Array) -> jax.Array:
+        """``log p = (z - c) - log s`` for -inf-masked logits ``z`` [..., K].
+
+        ``z + (-c)`` is ``z - c`` exactly; so written, it is not the forward's broadcast of c,
+        which XLA:CPU would otherwise share and write out as [N, K] instead of fusing it into
+        the logsumexp reduction.
+        """
+        return (z + (-self.shift)[..., None]) - finite_or_zero(self.log_sum)[..., None]
+
+
+class RowStats(NamedTuple):
+    """Per-example results of the forward pass (all of the batch shape)."""
+
+    loss: jax.Array  # sum_k t_k (lse - z_k) + z_loss * lse**2, in nats
+    normalizer: Normalizer
+    target_mass: jax.Array  # T = sum_k t_k
+    num_possible: jax.Array  # K_m with label smoothing (0 without: unused)
+    correct: jax.Array  # 1.0 where the label's logit is the largest (integer labels)
+
+    @property
+    def logsumexp(self) -> jax.Array:
+        return self.normalizer.lse
+
+
+def _shifted_normalizer(z, shift, spec: Spec) -> Normalizer:
+    """:math:`\\log \\sum_k e^{z_k - c}` of -inf-masked logits ``z`` for a finite shift c (all shards)."""
+    log_sum = jnp.log(class_sum(jnp.sum(jnp.exp(z - shift[..., None]), axis=-1), spec))
+    return Normalizer(shift, log_sum)
+
+
+def _row_max(raw, z, mask, spec: Spec) -> jax.Array:
+    """Each row's largest (capped, masked) logit over all shards; -inf for an empty row."""
+    if mask is None and spec.logit_softcap is None:
+        # The max of the raw dtype is exact; taken before the upcast, XLA fuses the upcast into
+        # each pass instead of writing an upcast copy of the (bf16) logits.
+        return class_max(jnp.max(raw, axis=-1).astype(z.dtype), spec)
+    return class_max(jnp.max(z, axis=-1), spec)
+
+
+def _peak_shift(top):
+    """The row maximum as a shift: 0 for an empty row (log_sum is then -inf). A +inf logit
+    makes the row NaN (inf - inf), as documented, rather than a finite number."""
+    return jnp.where(top == -jnp.inf, 0.0, top)
+
+
+def _label_normalizer(raw, z, label_logit, mask, spec: Spec) -> Normalizer:
+    """The normaliser shifted by the label's logit: one pass over the logits, no max pass.
+
+    :math:`s = \\sum_k e^{z_k - z_y} \\ge 1` (the label's own term is 1), so
+    :math:`\\log s = \\operatorname{lse}(z) - z_y` is the plain loss, non-negative and as
+    precise as the max-shifted form. It is exact while every :math:`e^{z_k - z_y}` is finite,
+    i.e. the label's logit is within ~88 (float32) of the row's maximum; a batch with a row
+    beyond that, or without a finite label logit (ignored, out-of-range or impossible labels
+    use the shift 0), falls back under a ``lax.cond`` to the max-shifted normaliser, which
+    rebuilds the logits from the raw input (a cond operand is materialised) in row blocks.
+    """
+    fast = _shifted_normalizer(z, jnp.where(jnp.isfinite(label_logit), label_logit, 0.0), spec)
+
+    def by_peak(raw, rows_mask):
+        block_mask = mask if class_mask else rows_mask
+        capped = capped_logits(raw, block_mask, spec)
+        peak = _peak_shift(_row_max(raw, capped, block_mask, spec))
+        return tuple(_shifted_normalizer(capped, peak, spec))
+
+    class_mask = mask is not None and mask.ndim < raw.ndim  # the fused loss's [V]: not in rows
+    selects = mask is not None or spec.logit_softcap is not None
+    rows = None if class_mask else mask
+    exact = lambda: Normalizer(*in_row_blocks(by_peak, raw, rows, blocked=selects))
+    return if_all_finite(fast.log_sum, lambda: fast, exact)
+
+
+def label_lookup(values, labels, spec: Spec, upcast=None):
+    """``(values[..., label], held)``: an O(N) gather from the local slice, summed over shards.
+
+    ``values`` is [..., K_local] (or [K_local]); ``held`` counts the shards holding the label
+    (0 for a label outside [0, K)). Shards that do not hold it contribute 0. ``upcast`` maps
+    the gathered values (before the sum over shards).
+    """
+    num_local = values.shape[-1]
+    local = labels - class_offset(num_local, spec)
+    held = (local >= 0) & (local < num_local)
+    index = jnp.clip(local, 0, num_local - 1)
+    if values.ndim == 1:
+        picked = jnp.take(values, index)
+    else:
+        picked = jnp.take_along_axis(values, index[..., None], axis=-1)[..., 0]
+    if upcast is not None:
+        picked = upcast(picked)
+    picked = jnp.where(held, picked, jnp.zeros((), picked.dtype))
+    return class_sum(picked, spec), class_sum(held.astype(jnp.int32), spec)
+
+
+def _smoothing_sums(raw, z, mask, class_weights, shift, spec: Spec):
+    """``(K_m, sum_k w_k m_k, sum_k w_k m_k (c - z_k))`` over the possible classes m (local).
+
+    Without a mask or cap, one fused pass ``sum_k w_k (c - z_k)`` is exact when no row holds
+    a -inf logit (then m = 1 and K_m = K); only otherwise the select-free sums run, under a
+    cond. With a mask or cap, the select form (``z`` are the capped, -inf-masked logits).
+    """
+    dtype = z.dtype
+    w = jnp.ones(z.shape[-1:], dtype) if class_weights is None else class_weights
+    if mask is not None or spec.logit_softcap is not None:
+        possible = possible_classes(raw, mask)
+        wm = w * possible.astype(dtype)
+        gap = jnp.sum(xdiff(wm, shift[..., None], z), axis=-1)
+        return jnp.sum(possible, axis=-1, dtype=dtype), jnp.sum(wm, axis=-1), gap
+
+    def all_possible():
+        gap = jnp.sum(w * (shift[..., None] - raw.astype(dtype)), axis=-1)
+        zero = 0.0 * gap  # (a row vector from data, see if_all_finite)
+        return zero + z.shape[-1], zero + jnp.sum(w), gap
+
+    def sums(raw, shift):
+        zf = raw.astype(dtype)
+        m = possible_indicator(zf)
+        return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1), finite_gap(w * m, zf, shift)
+
+    exact = lambda: in_row_blocks(sums, raw, shift, blocked=low_precision(raw))
+    return unless_impossible(raw, all_possible, exact, spec)
+
+
+def _label_logit(raw, labels, mask, spec: Spec):
+    """``(z_y, found)``: the label's capped logit (-inf on an impossible class), O(N).
+
+    Gathered from the raw logits and capped / masked afterwards, so that the capped, masked
+    [N, K] logits need not be materialised for the gather. ``found`` counts the classes
+    matching the label: 0 for a label outside [0, K), whose logit is then -inf.
+    """
+    # bfloat16 logits are gathered as bits (see upcast_unshared).
+    values = lax.bitcast_convert_type(raw, jnp.uint16) if raw.dtype == jnp.bfloat16 else raw
+    raw_label_logit, found = label_lookup(values, labels, spec, upcast_unshared)
+    label_possible = (raw_label_logit > -jnp.inf) & (found == 1)
+    if mask is not None:
+        label_possible &= label_lookup(mask.astype(jnp.int32), labels, spec)[0] > 0
+    return jnp.where(label_possible, softcap(raw_label_logit, spec), -jnp.inf), found
+
+
+def _integer_terms(raw, z, labels, mask, class_weights, label_logit, found, shift, spec: Spec):
+    """``(T, sum_k t_k (c - z_k), K_m)`` for integer labels and the normaliser's shift c.
+
+    O(N) but for label smoothing (K_m is None without it). With :math:`b = (1 - \\varepsilon) w_y` and :math:`e = \\varepsilon / K_m`:
+    :math:`T = b + e \\sum_k w_k m_k` and the gap is
+    :math:`b (c - z_y) + e \\sum_k w_k m_k (c - z_k)`; only the smoothing needs class sums.
+    """
+    weight = 1.0 if class_weights is None else label_lookup(class_weights, labels, spec)[0]
+    # b = 0 for a label outside [0, K), as the iota comparison of the backward pass finds no class.
+    b = jnp.where(found == 1, (1.0 - spec.label_smoothing) * weight, 0.0)
+    # b * (c - z_y): 0 for a label of weight 0, +inf for a label on an impossible class.
+    mass, gap, num_possible = b, xdiff(b, shift, label_logit), None
+    if spec.label_smoothing:
+        sums = _smoothing_sums(raw, z, mask, class_weights, shift, spec)
+        num_possible, weight_sum, spread = (class_sum(x, spec) for x in sums)
+        e = spec.label_smoothing / jnp.maximum(num_possible, 1.0)
+        mass = mass + e * weight_sum
+        gap = gap + e * spread
+    return mass, gap, num_possible
+
+
+def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
+    """``(T, sum_k t_k (M - z_k), K_m)`` for label distributions (K_m None without smoothing).
+
+    The plain product ``t (M - z)`` is one fused pass, exact when no logit is -inf; otherwise
+    (and with a mask, which sets logits to -inf) the select-free exact gap: 0 where t_k = 0
+    even if z_k = -inf, +inf where a target puts mass on an impossible class. ``top`` (the
+    max) rather than the normaliser's shift is a broadcast the logsumexp pass does not share,
+    so XLA fuses it instead of writing it out. The targets are rebuilt from the raw inputs in
+    each branch (the cond's operands stay the raw inputs); the fast branch (no mask, no -inf
+    logit) knows every class is possible and needs no compare. :math:`T = (1 - \\varepsilon) \\sum_k w_k y_k +
+    \\varepsilon W_m / K_m` needs none either.
+    """
+    dtype = compute_dtype(raw.dtype)
+    eps = spec.label_smoothing
+    w = 1.0 if class_weights is None else class_weights
+    num_possible = weight_possible = None
+    if eps:
+        num_possible, weight_possible = count_possible(raw, mask, class_weights, spec)
+
+    def block_gap(raw, labels, mask, shift, num_possible):
+        possible = possible_classes(raw, mask)
+        t = smoothed_targets(labels, mask, possible, class_weights, spec, dtype, num_possible)[1]
+        return exact_gap(t, capped_logits(raw, mask, spec), shift)
+
+    def fast():
+        # Every class is possible here: the smoothing's term is eps / K sum_k w_k (M - z_k),
+        # a sum of its own (its targets, shared with the backward pass, would be written out).
+        z = softcap(raw.astype(dtype), spec)
+        gap = jnp.sum(w * labels.astype(dtype) * (top[..., None] - z), axis=-1)
+        if not eps:
+            return gap
+        spread = -jnp.sum(w * (z - top[..., None]), axis=-1)  # (not the broadcast above)
+        return (1.0 - eps) * gap + eps * spread / jnp.maximum(num_possible, 1.0)
+
+    selects = mask is None and (bool(eps) or spec.logit_softcap is not None)
+    exact = lambda: in_row_blocks(
+        block_gap, raw, labels, mask, normalizer.shift, num_possible,
+        blocked=low_precision(raw) or selects,
+    )
+    gap = exact() if mask is not None else unless_impossible(raw, fast, exact, spec)
+    mass = class_sum(jnp.sum(w * masked_fill(labels.astype(dtype), mask, 0.0), axis=-1), spec)
+    if eps:
+        mass = (1.0 - eps) * mass + eps * weight_possible / jnp.maximum(num_possible, 1.0)
+    return mass, class_sum(gap, spec), num_possible
+
+
+def z_loss_term(lse, spec: Spec) -> jax.Array:
+    r""":math:`\lambda_z \operatorname{lse}^2`; 0 without z-loss (0 * lse**2 would be NaN for
+    |lse| > 1.8e19 in float32) and for rows without a possible class (lse = -inf)."""
+    if not spec.z_loss:
+        return jnp.zeros_like(lse)
+    return spec.z_loss * finite_or_zero(lse) ** 2
+
+
+def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
+    """Forward pass on raw logits ``z`` [..., K_local] (any float dtype): loss, lse, T, correct.
+
+    Integer labels shift the normaliser by the label's logit (one pass over the logits; the
+    max pass behind ``correct`` is dropped by XLA unless ``correct`` is used); label
+    distributions shift it by the row maximum.
+    """
+    raw, z = z, capped_logits(z, mask, spec)
+    top = _row_max(raw, z, mask, spec)
+    if spec.integer_labels:
+        label_logit, found = _label_logit(raw, labels, mask, spec)
+        normalizer = _label_normalizer(raw, z, label_logit, mask, spec)
+        target_mass, gap, num_possible = _integer_terms(
+            raw, z, labels, mask, class_weights, label_logit, found, normalizer.shift, spec
+        )
+        correct = ((label_logit >= top) & (label_logit > -jnp.inf)).astype(z.dtype)
+    else:
+        normalizer = _shifted_normalizer(z, _peak_shift(top), spec)
+        target_mass, gap, num_possible = _soft_terms(
+            raw, labels, mask, class_weights, top, normalizer, spec
+        )
+        correct = jnp.zeros_like(top)
+    loss = target_mass * normalizer.log_sum + gap
+    # A row with no possible class (all -inf): any target mass is on impossible classes, +inf
+    # (log_sum -inf meets a gap of +inf there: NaN).
+    empty = normalizer.log_sum == -jnp.inf
+    loss = jnp.where(empty, jnp.where(target_mass > 0, jnp.inf, 0.0), loss)
+    if spec.z_loss:
+        loss = loss + z_loss_term(normalizer.lse, spec)
+    if spec.integer_labels:
+        # A label outside [0, K) has no class: NaN, never a silent wrap to another class.
+        loss = jnp.where(found == 1, loss, jnp.nan)
+    if num_possible is None:
+        num_possible = jnp.zeros_like(target_mass)
+    return RowStats(loss, normalizer, target_mass, num_possible, correct)
+
+
+def row_cotangents(
+    z, labels, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec: Spec,
+    *, columns=None,
+):
+    r"""Backward pass: ``(dz, dlabels, dclass_weights)`` from the closed form.
+
+    Every class's cotangent needs only its own logit and the row's saved statistics, so ``z``
+    may hold a slice of the (local) classes: ``columns = (start, total)`` says it holds
+    ``[start, start + K)`` of ``total`` (``mask`` and ``class_weights`` are then sliced alike).
+
+    .. math:: dz_k = p_k \big(g (T + 2 \lambda_z \ell) + g_\ell\big) - g\, t_k,
+
+    times the softcap's derivative :math:`1 - (z'_k / c)^2`; impossible classes get 0.
+    ``dlabels`` (soft labels) is :math:`-g (1 - \varepsilon) w \log p` (0 where masked);
+    ``dclass_weights`` is :math:`-\sum_n g\, u \log p`, summed over the rows of this block.
+    The target t of integer labels comes from comparing an iota with the labels: no one-hot.
+    """
+    possible = possible_classes(z, mask)
+    capped = masked_fill(softcap(z, spec), possible)
+    u, t = smoothed_targets(labels, mask, possible, class_weights, spec, z.dtype, num_possible, columns)
+    log_p = normalizer.log_probs(capped)
+    lse = finite_or_zero(normalizer.lse)
+    coef = g_loss * (target_mass + 2.0 * spec.z_loss * lse) + g_lse
+    if spec.integer_labels:
+        # A label outside [0, K) has a NaN loss, and so a NaN gradient (ignored labels are 0).
+        num_classes = (z.shape[-1] if columns is None else columns[1]) * class_shards(spec)
+        valid = (labels >= 0) & (labels < num_classes)
+        coef = jnp.where(valid, coef, jnp.nan)
+    dz = jnp.exp(log_p) * coef[..., None] - g_loss[..., None] * t
+    if spec.logit_softcap is not None:
+        dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
+    dz = masked_fill(dz, possible, 0.0)
+    g = g_loss[..., None]
+    # -g * a * log p: exactly 0 where g * a = 0 (uncounted rows, zero targets), +inf where a
+    # target meets an impossible class.
+    neg_log_p = lambda a: xdiff(g * a, 0.0, log_p)
+    dlabels = None
+    if not spec.integer_labels:
+        w = 1.0 if class_weights is None else class_weights
+        scale = jnp.broadcast_to((1.0 - spec.label_smoothing) * w, z.shape)
+        dlabels = neg_log_p(masked_fill(scale, mask, 0.0))
+    dweights = None
+    if class_weights is not None:
+        dweights = jnp.sum(neg_log_p(u), axis=tuple(range(z.ndim - 1)))
+    return dz, dlabels, dweights
+
+
+# ----------------------------------------------------------------------------------------------
+# The in-place path: a custom VJP over logits that hold every (local) class.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def row_losses(logits, labels, mask, class_weights, spec: Spec):
+    stats = row_stats(logits, labels, mask, class_weights, spec)
+    return stats.loss, stats.logsumexp, stats.correct
+
+
+def _row_losses_fwd(logits, labels, mask, class_weights, spec):
+    # The primal is recomputed here rather than by calling row_losses, so that jax.hessian
+    # (forward-over-reverse) can differentiate this function.
+    stats = row_stats(logits, labels, mask, class_weights, spec)
+    residuals = (logits, labels, mask, class_weights, *stats[1:4])
+    return (stats.loss, stats.logsumexp, stats.correct), residuals
+
+
+def _row_losses_bwd(spec, residuals, cotangents):
+    logits, labels, mask, class_weights, normalizer, target_mass, num_possible = residuals
+    g_loss, g_lse, _ = cotangents  # `correct` is piecewise constant: no gradient
+    z = upcast_unshared(logits)
+    targets = labels if spec.integer_labels else upcast_unshared(labels)
+    dz, dlabels, dweights = row_cotangents(
+        z, targets, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec
+    )
+    if dlabels is not None:
+        dlabels = sum_like(dlabels.astype(labels.dtype), labels)
+    if dweights is not None:
+        dweights = sum_like(dweights.astype(class_weights.dtype), class_weights)
+    return sum_like(dz.astype(logits.dtype), logits), dlabels, None, dweights
+
+
+row_losses.defvjp(_row_losses_fwd, _row_losses_bwd)

@@ -1,0 +1,437 @@
+r"""Sweeps over the logits ``x @ w + bias`` a block of rows or a tile of columns at a time.
+
+Accumulating :math:`dw` over the blocks of rows reads and writes all of ``dw`` [D, V] once per
+block, and the default block shrinks as 1/V: that traffic grows as V². Above a few tens of
+thousands of classes (blocks of fewer than :data:`FUSED_MIN_ROWS` rows), the gradients are
+therefore computed by a second sweep over *tiles of columns* (:func:`tiled_grads`, after Cut
+Cross-Entropy): given each row's saved normaliser, a tile's cotangents need only the tile's
+logits (``row_cotangents`` on a column slice), so for each tile ``dw[:, tile] = x^T dz`` is
+written once and ``dx += dz w[:, tile]^T`` accumulates in a small [N, D] buffer; the rows of a
+tile are walked in blocks too, so the scratch stays ``rows x cols`` (as many elements as a
+block of the row sweep). One more matmul (the logits again), no traffic growing as V². The
+statistics sweep over blocks of rows is unchanged, so the loss is the same number either way.
+``reduction="none"`` (and a differentiated ``return_aux``) recomputes its gradients with the
+same column sweep; with at most one tile of classes it is the row sweep.
+
+The temporaries of a block are a few ``block_size x V`` float32 arrays; the default
+``block_size`` keeps them near :data:`BLOCK_BYTES` whatever V is, so the scratch memory stays
+flat in V and in N. When ``block_size`` does not divide N, the last block ends at row N and
+overlaps the one before; the overlapped rows' per-example outputs are recomputed (the same
+values) and their gradients are counted once: nothing is padded or copied, ``w`` least of all.
+"""
+
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._options import (
+    Options,
+)
+from ._rows import Normalizer, row_cotangents, row_stats
+from ._spec import vary_over, varying_axes
+from ._validation import compute_dtype
+
+BLOCK_BYTES = 32 * 2**20
+"""The default ``block_size`` aims at about this many bytes of float32 ``block_size x V``
+temporaries (the logits of a block, their cotangent and the slabs of ``dw``'s update: about one
+``block_size x V`` float32 array's worth plus a few MiB on XLA:CPU)."""
+
+SLAB_BYTES = 4 * 2**20
+"""``dw`` is accumulated a slab of columns at a time, the product ``x_b^T dz`` of one slab
+holding about this many bytes."""
+
+FILTER_COLUMNS = 512
+"""With ``gradient_filter`` the gradients are accumulated (and skipped) in slabs of at most this
+many columns: narrow enough that the few likely classes of a block of rows leave most slabs to
+skip, wide enough for efficient matmuls (measured in ``benchmarks/bench_linear.py``)."""
+
+TILE_BYTES = 2 * 2**20
+"""The column-tiled gradient sweep (:func:`tiled_grads`) takes tiles of columns whose slice of
+``w`` (``D x tile`` float32) holds about this many bytes (at least :data:`MIN_TILE_COLUMNS`; XLA:CPU keeps a
+few such ``[D, tile]`` buffers: the slice of ``w``, of ``dw``, their products), each tile walked
+in blocks of rows: ``dw[:, tile]`` is then written once instead of read and written by every
+block of rows."""
+
+MIN_TILE_COLUMNS = 128
+"""The narrowest tile of columns (a wide ``D`` would otherwise make inefficient matmuls)."""
+
+FUSED_MIN_ROWS = 256
+"""With a scalar reduction, blocks of at least this many rows (or classes that fit in one tile) compute the gradients in the forward sweep itself (three matmuls); smaller blocks,
+which would re-read and re-write all of ``dw`` too often, take a second, column-tiled sweep
+(four matmuls). Measured in ``benchmarks/bench_linear.py --only sweep``."""
+
+_TEMPS_PER_ROW = 1  # float32 [block, V] arrays XLA:CPU keeps alive at once, rounded (measured:
+# 36-39 MiB of temp at 32 MiB / (4 V) rows for V = 32768 ... 262144, N=4096, D=512)
+
+
+def default_block_size(num_rows: int, num_classes: int) -> int:
+    """Rows per block: a power of two (>= 8) with about :data:`BLOCK_BYTES` of temporaries.
+
+    A power of two divides typical batch sizes: no rows are recomputed in an overlapping last
+    block.
+    """
+    budget = BLOCK_BYTES // (4 * _TEMPS_PER_ROW * max(num_classes, 1))
+    rows = 8
+    while rows * 2 <= budget:
+        rows *= 2
+    return max(1, min(num_rows, rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# One sweep over the blocks of rows. Every mode reads the same logits z_b = x_b w + bias; the
+# shared mathematics of _rows.py turns them into statistics and cotangents.
+
+
+def _logits(xb, w, bias, dtype):
+    z = lax.dot_general(xb, w, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
+    return z if bias is None else z + bias.astype(dtype)
+
+
+def _slab_columns(num_features):
+    return max(128, SLAB_BYTES // (4 * num_features) // 128 * 128)
+
+
+def _add_outer(dw, xb, dz, dtype):
+    """``dw + xb^T dz`` in place, a slab of columns at a time: no ``[D, V]`` temporary.
+
+    (XLA does not fuse the accumulation into the matmul, so a single ``dw + xb^T dz`` would
+    hold a second ``[D, V]`` array.)
+    """
+    num_classes = dz.shape[1]
+    cols = _slab_columns(dw.shape[0])
+
+    def add(start, size, dw):
+        dzc = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
+        prod = lax.dot_general(xb, dzc, (((0,), (0,)), ((), ())), preferred_element_type=dtype)
+        slab = lax.dynamic_slice_in_dim(dw, start, size, axis=1) + prod
+        return lax.dynamic_update_slice_in_dim(dw, slab, start, axis=1)
+
+    return _blocks(num_classes, cols, add, dw)
+
+
+def _filtered_products(dxb, dw, xb, w, dz, floor, dtype):
+    """``dxb + dz w^T`` and ``dw + xb^T dz`` (either may be None) a column slab at a time,
+    skipping (``lax.cond``) every slab where ``|dz| < floor`` (per row) holds everywhere."""
+    num_classes = dz.shape[1]
+    cols = min(_slab_columns(w.shape[0]), FILTER_COLUMNS)
+
+    def add(start, size, carry):
+        dzc = lax.dynamic_slice_in_dim(dz, start, size, axis=1)
+
+        def work(carry):
+            dxb, dw = carry
+            dzl = dzc.astype(w.dtype)  # the matmuls run in the inputs' dtype
+            if dxb is not None:
+                wc = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+                dxb = dxb + lax.dot_general(
+                    dzl, wc, (((1,), (1,)), ((), ())), preferred_element_type=dtype
+                )
+            if dw is not None:
+                prod = lax.dot_general(
+                    xb, dzl, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+                )
+                slab = lax.dynamic_slice_in_dim(dw, start, size, axis=1) + prod
+                dw = lax.dynamic_update_slice_in_dim(dw, slab, start, axis=1)
+            return dxb, dw
+
+        keep = jnp.any(jnp.abs(dzc) >= floor[:, None])
+        return lax.cond(keep, work, lambda carry: carry, carry)
+
+    # Inside shard_map both branches must vary over the same mesh axes: those of the products.
+    axes = varying_axes(dz) | varying_axes(xb) | varying_axes(w)
+    dxb, dw = (None if a is None else vary_over(a, axes - varying_axes(a)) for a in (dxb, dw))
+    return _blocks(num_classes, cols, add, (dxb, dw))
+
+
+def _blocks(total, size, fn, carry):
+    """``fn(start, size, carry)`` over ``[0, total)`` in blocks, the last one ragged (static).
+
+    The first block runs before the loop: inside ``shard_map`` its results give the carry the
+    right varying axes (zeros do not vary over the batch axis, a block's sums do).
+    """
+    full, rest = divmod(total, size) if total else (0, 0)
+    if full >= 1:
+        carry = fn(0, size, carry)
+    if full > 1:
+        carry = lax.fori_loop(1, full, lambda i, c: fn(i * size, size, c), carry)
+    if rest:
+        carry = fn(full * size, rest, carry)
+    return carry
+
+
+def _row_blocks(total, size, fn, carry):
+    """``fn(start, skip, carry)`` over the rows ``[0, total)`` in blocks of the static ``size``.
+
+    ``0 < size <= total``. The last block starts at ``total - size``: a ragged batch re-reads the
+    last ``skip`` rows of the block before it, and ``fn`` must count the first ``skip`` rows of
+    its block (0 but in the last block) in no accumulation.
+
+    Every block runs inside the one loop. The logits of a block outside it (a smaller ragged
+    one after it, or a first one before it) depend on nothing in the loop, so XLA may compute
+    them while the loop's buffers (or an earlier sweep's) are live, in buffers of their own:
+    the scratch doubles. XLA unrolls a loop of one step, so "a first block, then a loop over
+    the others" doubles it for two blocks too.
+    """
+    count = -(-total // size)
+    if count == 1:
+        return fn(0, 0, carry)
+
+    def step(i, carry):
+        start = jnp.minimum(i * size, total - size)
+        return fn(start, i * size - start, carry)
+
+    return lax.fori_loop(0, count, step, _varying_like(lambda c: fn(0, 0, c), carry))
+
+
+def _varying_like(fn, carry):
+    """``carry`` cast to vary over the mesh axes that ``fn(carry)`` varies over.
+
+    Inside ``shard_map`` a loop's carry must keep its varying axes, but zeros vary over none
+    and a block's sums over those of their inputs. ``fn`` is only traced (abstractly).
+    """
+    axes = []
+
+    def probe(c):
+        out = fn(c)
+        axes.append(jax.tree.map(varying_axes, out))
+        return out
+
+    jax.eval_shape(probe, carry)
+    return jax.tree.map(lambda a, ax: vary_over(a, ax - varying_axes(a)), carry, axes[0])
+
+
+def tile_shape(num_rows: int, num_features: int, num_classes: int, block: int) -> tuple[int, int]:
+    """``(rows, columns)`` of the column-tiled gradient sweep: tiles of about
+    :data:`TILE_BYTES` of ``w``, walked in blocks of rows holding as many elements as a
+    ``block x num_classes`` block of the row sweep (the same scratch)."""
+    cols = TILE_BYTES // (4 * max(num_features, 1)) // 128 * 128
+    cols = max(MIN_TILE_COLUMNS, cols)
+    cols = max(1, min(num_classes, cols))
+    rows = max(1, min(num_rows, max(block, block * num_classes // cols)))
+    return rows, cols
+
+
+def fuses_gradients(num_classes: int, block: int, tile) -> bool:
+    """Whether a scalar reduction computes its gradients in the forward sweep (see
+    :data:`FUSED_MIN_ROWS`)."""
+    return num_classes <= tile[1] or block >= FUSED_MIN_ROWS
+
+
+def _add_rows(dx, dxb, start):
+    """``dx[start:start + len(dxb)] += dxb`` in place: the zero rows of an overlap add nothing."""
+    rows = lax.dynamic_slice_in_dim(dx, start, dxb.shape[0]) + dxb.astype(dx.dtype)
+    return lax.dynamic_update_slice_in_dim(dx, rows, start, 0)
+
+
+def _block_products(dx, dw, xb, w, dz, start, fresh, g_loss, g_lse, gradient_filter, want,
+                    dtype, add_dw):
+    """A block's share of the gradients: ``dx[start:] += dz w^T`` and ``dw = add_dw(dw, xb,
+    dz)`` (``x_b^T dz`` into the row sweep's ``[D, V]`` or a tile's ``[D, cols]``), each if
+    ``want``-ed; with ``gradient_filter`` the column slabs with negligible ``dz`` are skipped
+    (the rows already counted, not ``fresh``, get an infinite floor: they keep no slab)."""
+    want_dx, want_dw = want[0], want[1]
+    if gradient_filter is not None and (want_dx or want_dw):
+        floor = jnp.where(fresh, gradient_filter * (jnp.abs(g_loss) + jnp.abs(g_lse)), jnp.inf)
+        dxb = jnp.zeros((xb.shape[0], xb.shape[1]), dtype) if want_dx else None
+        dxb, dw = _filtered_products(dxb, dw, xb, w, dz, floor, dtype)
+    else:
+        dzl = dz.astype(w.dtype)  # the matmuls run in the inputs' dtype, accumulate in f32
+        dxb = None
+        if want_dx:
+            dxb = lax.dot_general(dzl, w, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+        if want_dw:
+            dw = add_dw(dw, xb, dzl)
+    if want_dx:
+        dx = _add_rows(dx, dxb, start)
+    return dx, dw
+
+
+def sweep_rows(
+    x, w, bias, labels, mask, class_weights, opts: Options, block: int, *,
+    stats=None, g_loss=None, g_lse=None, want=(False, False, False), gradient_filter=None,
+):
+    """Walk over the rows of ``x`` [N, D] in blocks of ``block``.
+
+    ``stats`` None: compute the per-example ``(loss, normalizer, target_mass, num_possible,
+    correct)``; otherwise it is the saved ``(normalizer, target_mass, num_possible)`` and only
+    cotangents are computed.
+    ``g_loss`` (and ``g_lse``, None for 0) [N]: the per-example cotangents; when given, the
+    gradients ``want = (dx, dw, dbias)`` (and ``dclass_weights`` with class weights) are
+    accumulated in the same pass; ``gradient_filter`` (a float) skips the column slabs of a
+    block where ``|dz| < gradient_filter * (|g_loss| + |g_lse|)`` (row by row) everywhere.
+    Returns ``(stats, grads)``.
+    """
+    spec = opts.spec
+    n = x.shape[0]
+    dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
+    want_dx, want_dw, want_db = want
+    grads_on = g_loss is not None
+    compute_stats = stats is None
+
+    size = min(block, n)
+
+    def body(start, skip, carry):
+        rows, acc = carry
+        xb = lax.dynamic_slice_in_dim(x, start, size)
+        yb = lax.dynamic_slice_in_dim(labels, start, size)
+        z = _logits(xb, w, bias, dtype)
+        if compute_stats:
+            st = row_stats(z, yb, mask, class_weights, spec)
+            norm, mass, count = st.normalizer, st.target_mass, st.num_possible
+            new = (st.loss, norm.shift, norm.log_sum, mass, count, st.correct)
+            rows = tuple(lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, new))
+        else:
+            norm, mass, count = jax.tree.map(
+                lambda r: lax.dynamic_slice_in_dim(r, start, size), stats
+            )
+        if grads_on:
+            # The rows a previous block already counted get cotangent 0: dz, and with it their
+            # share of dx, dw, dbias and dclass_weights, is 0 (as for an ignored row).
+            fresh = lax.broadcasted_iota(jnp.int32, (size,), 0) >= skip
+            gb = lax.dynamic_slice_in_dim(g_loss, start, size)
+            glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, size)
+            gb, glb = jnp.where(fresh, gb, 0.0), jnp.where(fresh, glb, 0.0)
+            dz, _, dcw = row_cotangents(
+                z, yb, mask, class_weights, norm, mass, count, gb, glb, spec
+            )
+            dx, dw, db, dcw_acc = acc
+            add_dw = lambda dw, xb, dzl: _add_outer(dw, xb, dzl, dtype)
+            dx, dw = _block_products(
+                dx, dw, xb, w, dz, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
+            )
+            if want_db:
+                db = db + jnp.sum(dz, axis=0)
+            if dcw is not None:
+                dcw_acc = dcw_acc + dcw
+            acc = (dx, dw, db, dcw_acc)
+        return rows, acc
+
+    rows = ()
+    if compute_stats:
+        rows = tuple(jnp.zeros((n,), dtype) for _ in range(6))
+    acc = ()
+    if grads_on:
+        num_classes = w.shape[1]
+        # dx stays in float32 when it still has to be summed over a sharded class axis.
+        dx_dtype = dtype if spec.class_axis_name is not None else x.dtype
+        acc = (
+            jnp.zeros(x.shape, dx_dtype) if want_dx else None,
+            jnp.zeros(w.shape, dtype) if want_dw else None,
+            jnp.zeros((num_classes,), dtype) if want_db else None,
+            None if class_weights is None else jnp.zeros_like(class_weights),
+        )
+    if n:
+        rows, acc = _row_blocks(n, size, body, (rows, acc))
+    if compute_stats:
+        loss, shift, log_sum, mass, count, correct = rows
+        rows = (loss, Normalizer(shift, log_sum), mass, count, correct)
+    acc = _sum_shards(acc, opts) if grads_on else (None, None, None, None)
+    return rows, acc
+
+
+def _sum_shards(grads, opts: Options):
+    """The gradients summed over the shards that each held a part of them."""
+    dx, dw, db, dcw = grads
+    if dx is not None and opts.spec.class_axis_name is not None:
+        dx = lax.psum(dx, opts.spec.class_axis_name)  # each shard held a slice of the classes
+    if opts.batch_axis_name is not None:  # each shard held a slice of the examples
+        dw, db, dcw = (
+            None if g is None else lax.psum(g, opts.batch_axis_name) for g in (dw, db, dcw)
+        )
+    return dx, dw, db, dcw
+
+
+def tiled_grads(
+    x, w, bias, labels, mask, class_weights, opts: Options, tile, stats, g_loss, g_lse, want,
+    gradient_filter=None,
+):
+    """The gradients ``(dx, dw, dbias, dclass_weights)`` a tile of columns at a time.
+
+    Given the saved ``stats = (normalizer, target_mass, num_possible)`` and the per-example
+    cotangents ``g_loss`` (and ``g_lse``, None for 0), walk over tiles of ``cols`` columns
+    (``tile = (rows, cols)``) and, inside each, over blocks of ``rows`` rows: the block's
+    logits ``z = x_b w_t + b_t``, ``dz`` in closed form (``row_cotangents`` on a column
+    slice), ``dx_b += dz w_t^T``, and ``dw_t += x_b^T dz`` into a ``[D, cols]`` buffer that is
+    written into ``dw`` once per tile. Same blocks of rows as :func:`sweep_rows`, so the scratch
+    is ``rows x cols`` whatever V is.
+
+    A ragged last tile starts at ``V - cols`` and overlaps the tile before it: its ``dw``,
+    ``dbias`` and ``dclass_weights`` columns are rewritten (the same sums), and the overlapped
+    columns' ``w`` is zeroed in ``dx``'s product so that ``dx`` counts them once. A ragged
+    last block of rows overlaps likewise, its already counted rows getting cotangent 0.
+    """
+    spec = opts.spec
+    n, d = x.shape
+    num_classes = w.shape[1]
+    rows, cols = tile
+    rows, cols = min(rows, n), min(cols, num_classes)
+    dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
+    want_dx, want_dw, want_db = want
+    cut = lambda a, start: None if a is None else lax.dynamic_slice_in_dim(a, start, cols, -1)
+    put = lambda a, part, start: (
+        None if a is None
+        else lax.dynamic_update_slice_in_dim(a, part.astype(a.dtype), start, a.ndim - 1)
+    )
+
+    def tile_body(col, col_skip, carry):
+        dx, dw, db, dcw = carry
+        wt, bt, mt, cwt = (cut(a, col) for a in (w, bias, mask, class_weights))
+        # dx's share of the columns the previous tile counted: 0 (their dw etc. are rewritten).
+        fresh_cols = lax.broadcasted_iota(jnp.int32, (cols,), 0) >= col_skip
+        wdx = jnp.where(fresh_cols, wt, jnp.zeros((), wt.dtype)) if want_dx else wt
+
+        def block_body(start, skip, acc):
+            dx, dwt, dbt, dcwt = acc
+            xb = lax.dynamic_slice_in_dim(x, start, rows)
+            yb = lax.dynamic_slice_in_dim(labels, start, rows)
+            norm, mass, count = jax.tree.map(
+                lambda r: lax.dynamic_slice_in_dim(r, start, rows), stats
+            )
+            fresh = lax.broadcasted_iota(jnp.int32, (rows,), 0) >= skip
+            gb = lax.dynamic_slice_in_dim(g_loss, start, rows)
+            glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, rows)
+            gb, glb = jnp.where(fresh, gb, 0.0), jnp.where(fresh, glb, 0.0)
+            z = _logits(xb, wt, bt, dtype)
+            dz, _, dcw_b = row_cotangents(
+                z, yb, mt, cwt, norm, mass, count, gb, glb, spec, columns=(col, num_classes)
+            )
+            add_dw = lambda dwt, xb, dzl: dwt + lax.dot_general(
+                xb, dzl, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+            )
+            dx, dwt = _block_products(
+                dx, dwt, xb, wdx, dz, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
+            )
+            if want_db:
+                dbt = dbt + jnp.sum(dz, axis=0)
+            if dcw_b is not None:
+                dcwt = dcwt + dcw_b
+            return dx, dwt, dbt, dcwt
+
+        acc = (
+            dx,
+            jnp.zeros((d, cols), dtype) if want_dw else None,
+            jnp.zeros((cols,), dtype) if want_db else None,
+            None if class_weights is None else jnp.zeros((cols,), class_weights.dtype),
+        )
+        dx, dwt, dbt, dcwt = _row_blocks(n, rows, block_body, acc)
+        return dx, put(dw, dwt, col), put(db, dbt, col), put(dcw, dcwt, col)
+
+    grads = (
+        # dx sums a share per tile: float32 whatever x's dtype.
+        jnp.zeros(x.shape, dtype) if want_dx else None,
+        # float32 like the row sweep's (storing it in bf16 halved the temp memory, but measured
+        # 2x slower at N=2048 D=256 V=65536: a copy of dw per tile, it seems).
+        jnp.zeros(w.shape, dtype) if want_dw else None,
+        jnp.zeros((num_classes,), dtype) if want_db else None,
+        None if class_weights is None else jnp.zeros_like(class_weights),
+    )
+    if n and num_classes:
+        grads = _row_blocks(num_classes, cols, tile_body, grads)
+    return _sum_shards(grads, opts)
+
+
+def cast_grads(grads, x, w, bias, class_weights):
+    dx, dw, db, dcw = grads
+    cast = lambda g, ref: None if g is None or ref is None else g.astype(ref.dtype)
+    return cast(dx, x), cast(dw, w), cast(db, bias), cast(dcw, class_weights)
