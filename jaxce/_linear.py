@@ -624,7 +624,7 @@ def linear_softmax_cross_entropy(
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
     gradient_filter: float | None = None,
-):
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     r"""Softmax cross-entropy of the logits ``x @ w + bias`` against integer labels, blockwise.
 
     The same numbers as

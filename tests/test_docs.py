@@ -10,6 +10,7 @@ import doctest
 import importlib
 import inspect
 import pathlib
+import re
 
 import pytest
 
@@ -77,3 +78,18 @@ def test_unknown_attribute_raises_naming_it():
     with pytest.raises(ImportError, match="sofmax"):
         from jaxce import sofmax  # noqa: F401
 
+
+def _arguments(fn):
+    """The entries of ``fn``'s Args section, by argument name."""
+    args = inspect.getdoc(fn).split("\nArgs:\n", 1)[1].split("\n\n", 1)[0].split("\nReturns:")[0]
+    return dict(re.findall(r"^  (\w+): (.*(?:\n    .*)*)", args, re.MULTILINE))
+
+
+def test_softmax_cross_entropies_describe_their_shared_options_alike():
+    soft = _arguments(jaxce.softmax_cross_entropy)
+    integer = _arguments(jaxce.softmax_cross_entropy_with_integer_labels)
+    parameters = set(inspect.signature(jaxce.softmax_cross_entropy).parameters)
+    shared = parameters - {"logits", "labels", "axis"}
+    assert shared <= soft.keys() & integer.keys(), shared - (soft.keys() & integer.keys())
+    for name in shared:
+        assert soft[name] == integer[name], name
