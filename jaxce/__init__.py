@@ -1,26 +1,34 @@
-"""jaxce: numerically stable softmax, information measures and cross-entropy losses for JAX."""
+"""jaxce: numerically stable softmax, information measures and cross-entropy losses for JAX.
 
-from . import losses as losses  # optax.losses' names and signatures, over the kernels below
-from ._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
-from ._checked import CheckError as CheckError
-from ._checked import checked as checked
-from ._cross_entropy import nll_loss as nll_loss
-from ._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
-from ._cross_entropy import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
-from ._cross_entropy import (
-    softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
-)
-from ._information import cross_entropy as cross_entropy
-from ._information import entropy as entropy
-from ._information import information as information
-from ._information import kl_divergence as kl_divergence
-from ._information import softmax_entropy as softmax_entropy
-from ._information import softmax_kl_divergence as softmax_kl_divergence
-from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
-from ._softmax import log_softmax as log_softmax
-from ._softmax import logsumexp as logsumexp
-from ._softmax import softmax as softmax
-from ._softmax import softmax_jacobian as softmax_jacobian
+``import jaxce`` loads no module below, nor JAX: each public name is imported from its home
+on first access (PEP 562), so that ``jaxce-train --help`` answers before JAX loads.
+"""
+
+import importlib
+import typing
+
+if typing.TYPE_CHECKING:  # the same names, statically, for type checkers and the docs
+    from . import losses as losses  # optax.losses' names and signatures, over the kernels below
+    from ._checked import CheckError as CheckError
+    from ._checked import checked as checked
+    from ._information import cross_entropy as cross_entropy
+    from ._information import entropy as entropy
+    from ._information import information as information
+    from ._information import kl_divergence as kl_divergence
+    from ._information import softmax_entropy as softmax_entropy
+    from ._information import softmax_kl_divergence as softmax_kl_divergence
+    from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+    from ._cross_entropy import nll_loss as nll_loss
+    from ._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
+    from ._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
+    from ._cross_entropy import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
+    from ._cross_entropy import (
+        softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+    )
+    from ._softmax import log_softmax as log_softmax
+    from ._softmax import logsumexp as logsumexp
+    from ._softmax import softmax as softmax
+    from ._softmax import softmax_jacobian as softmax_jacobian
 
 __version__ = "0.1.0"
 
@@ -45,3 +53,42 @@ __all__ = [
     "softmax_jacobian",
     "softmax_kl_divergence",
 ]
+
+# Each public name and the module that defines it (``losses`` is that module itself).
+_HOMES = {
+    "CheckError": "_checked",
+    "checked": "_checked",
+    "cross_entropy": "_information",
+    "entropy": "_information",
+    "information": "_information",
+    "kl_divergence": "_information",
+    "softmax_entropy": "_information",
+    "softmax_kl_divergence": "_information",
+    "linear_softmax_cross_entropy": "_linear",
+    "nll_loss": "_cross_entropy",
+    "sigmoid_binary_cross_entropy": "_binary",
+    "softmax_cross_entropy": "_cross_entropy",
+    "softmax_cross_entropy_hvp": "_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels": "_cross_entropy",
+    "log_softmax": "_softmax",
+    "logsumexp": "_softmax",
+    "softmax": "_softmax",
+    "softmax_jacobian": "_softmax",
+    "losses": "losses",
+}
+
+
+def __getattr__(name: str) -> typing.Any:
+    """Imports a public name's module on first access and keeps the name in this module."""
+    try:
+        home = _HOMES[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    module = importlib.import_module(f".{home}", __name__)
+    value = module if home == name else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -61,7 +61,7 @@ def softmax_cross_entropy(
     return_aux: bool = False,
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
-):
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     r"""Softmax cross-entropy against label distributions: :math:`-\sum_k y_k \log p_k`.
 
     Args:
@@ -132,7 +132,7 @@ def softmax_cross_entropy_with_integer_labels(
     return_aux: bool = False,
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
-):
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     r"""Softmax cross-entropy against integer labels: :math:`\operatorname{lse}(z) - z_y`.
 
     Args:
@@ -220,8 +220,14 @@ def nll_loss(
     Args:
       log_probs: floating log-probabilities; ``axis`` holds the K classes.
       labels: integer class ids of the batch shape.
-      axis, where, ignore_index, class_weights, sample_weights, reduction, base: as in
+      axis: the class axis or axes.
+      where: boolean mask broadcastable to ``log_probs``, as in
         :func:`softmax_cross_entropy_with_integer_labels`.
+      ignore_index: as in :func:`softmax_cross_entropy_with_integer_labels`.
+      class_weights: as in :func:`softmax_cross_entropy_with_integer_labels`.
+      sample_weights: as in :func:`softmax_cross_entropy_with_integer_labels`.
+      reduction: as in :func:`softmax_cross_entropy_with_integer_labels`.
+      base: as in :func:`softmax_cross_entropy_with_integer_labels`.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce

@@ -212,7 +212,8 @@ def softmax_kl_divergence(
     r""":math:`D_{KL}(\operatorname{softmax}(z_p) \| \operatorname{softmax}(z_q))` from the logits.
 
     Args:
-      p_logits, q_logits: floating logits of the two distributions, broadcastable.
+      p_logits: floating logits of the distribution p.
+      q_logits: floating logits of q, broadcastable with ``p_logits``.
       axis: axis or axes that hold the classes.
       base: logarithm base (``None`` nats, ``2`` bits, ``10`` hartleys).
       where: boolean mask broadcastable to the logits; masked classes take no part.

@@ -204,7 +204,7 @@ def linear_softmax_cross_entropy(
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
     gradient_filter: float | None = None,
-):
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     r"""Softmax cross-entropy of the logits ``x @ w + bias`` against integer labels, blockwise.
 
     The same numbers as
@@ -232,8 +232,8 @@ def linear_softmax_cross_entropy(
         ``"none"``.
       return_aux: also return a dict with per-example ``logsumexp``, the ``z_loss`` term and
         ``correct`` (the label's logit is the largest).
-      block_size: rows per block; by default about :data:`BLOCK_BYTES` of float32 temporaries
-        (``block_size x V``), at least 8 rows.
+      block_size: rows per block; by default about :data:`~jaxce._sweeps.BLOCK_BYTES` of
+        float32 temporaries (``block_size x V``), at least 8 rows.
       class_axis_name: inside ``shard_map``, the mesh axis over which ``w``'s V axis (and
         ``bias``, ``where``, ``class_weights``) is split in contiguous slices; ``dx`` is summed
         over it, ``dw`` stays local.
@@ -242,10 +242,10 @@ def linear_softmax_cross_entropy(
       gradient_filter: skip backward work where the logits' cotangent is negligible (the
         gradient filtering of Cut Cross-Entropy): ``None`` (default) is exact; a threshold
         :math:`\tau \ge 0` skips, in each block of rows, every slab of columns (at most
-        :data:`FILTER_COLUMNS` wide) where all :math:`|dz_{nk}| < \tau\, g_n`, with
-        :math:`g_n` the example's loss cotangent (plus the logsumexp's, if differentiated;
-        :math:`dz_{nk} / g_n = p_{nk} - y_{nk}` for
-        the plain loss: slabs where every probability is below :math:`\tau` and no label is
+        :data:`~jaxce._sweeps.FILTER_COLUMNS` wide) where all
+        :math:`|dz_{nk}| < \tau\, g_n`, with :math:`g_n` the example's loss cotangent (plus
+        the logsumexp's, if differentiated; :math:`dz_{nk} / g_n = p_{nk} - y_{nk}` for the
+        plain loss: slabs where every probability is below :math:`\tau` and no label is
         likely less than :math:`1 - \tau`). A skipped slab adds nothing to ``dx`` and ``dw``:
         each of their entries moves by at most :math:`\tau \sum_n g_n |x_{ni}|` (``dw``) and
         :math:`\tau g_n \sum_k |w_{ik}|` (``dx``). The loss, ``bias``'s and the weights'

@@ -252,13 +252,20 @@ def logits_in_rows(logits, axis, where, opts: Options, name="logits"):
 
 
 def with_option_doc(fn):
-    """Put the options shared by both softmax cross-entropies (``_OPTION_DOC``) into ``fn``'s
-    docstring at ``{options}``: a docstring must be a literal, so it cannot be concatenated."""
-    fn.__doc__ = fn.__doc__.replace("{options}\n", _OPTION_DOC.lstrip("\n"))
+    """Put the options shared by both softmax cross-entropies into ``fn``'s docstring at
+    ``{options}`` (see :func:`expand_option_doc`)."""
+    fn.__doc__ = expand_option_doc(fn.__doc__)
     return fn
 
 
-_OPTION_DOC = r"""
+def expand_option_doc(doc: str) -> str:
+    """``doc`` with its ``{options}`` line replaced by ``OPTION_DOC`` and a blank line: a
+    docstring must be a literal, so the shared text cannot be concatenated into it (the docs
+    site expands the source's docstrings with this too, ``docs/rest_markup.py``)."""
+    return doc.replace("{options}\n", OPTION_DOC.lstrip("\n") + "\n")
+
+
+OPTION_DOC = r"""
       where: boolean mask broadcastable to ``logits`` (a mask of the batch shape masks whole
         examples, as in optax). Masked classes take no part; a fully masked example has loss 0,
         gradient 0, and does not count in ``"mean"``. Inside ``shard_map`` with the classes
