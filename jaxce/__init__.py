@@ -11,6 +11,7 @@ if typing.TYPE_CHECKING:  # the same names, statically, for type checkers and th
     from . import losses as losses  # optax.losses' names and signatures, over the kernels below
     from ._checked import CheckError as CheckError
     from ._checked import checked as checked
+    from ._divergence import softmax_divergence as softmax_divergence
     from ._information import cross_entropy as cross_entropy
     from ._information import entropy as entropy
     from ._information import information as information
@@ -49,6 +50,7 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_hvp",
     "softmax_cross_entropy_with_integer_labels",
+    "softmax_divergence",
     "softmax_entropy",
     "softmax_jacobian",
     "softmax_kl_divergence",
@@ -65,6 +67,7 @@ _HOMES = {
     "softmax_entropy": "_information",
     "softmax_kl_divergence": "_information",
     "linear_softmax_cross_entropy": "_linear",
+    "softmax_divergence": "_divergence",
     "nll_loss": "_cross_entropy",
     "sigmoid_binary_cross_entropy": "_binary",
     "softmax_cross_entropy": "_cross_entropy",

@@ -18,6 +18,7 @@ PAGES = [
     "api/softmax",
     "api/information",
     "api/losses",
+    "api/distillation",
     "api/linear",
     "api/checked",
     "api/optax",

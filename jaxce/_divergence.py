@@ -1,0 +1,261 @@
+r"""Divergences between two softmaxes, for distilling a teacher's softmax into a student's.
+
+With temperature :math:`\tau`, :math:`p_s = \operatorname{softmax}(z_s / \tau)` (the student)
+and :math:`p_t = \operatorname{softmax}(z_t / \tau)` (the teacher), per example:
+
+.. math::
+    \text{forward KL: } D(p_t \| p_s), \qquad \text{reverse KL: } D(p_s \| p_t), \qquad
+    \text{JSD}_\beta = \beta D(p_t \| m) + (1 - \beta) D(p_s \| m),\ m = \beta p_t + (1 - \beta) p_s.
+
+Each is a function :math:`F(p_s, p_t)`, and the gradient in the logits of one side is the
+softmax's Jacobian applied to :math:`a = \partial F / \partial p`:
+:math:`\partial F / \partial z = p \odot (a - \langle p, a \rangle) / \tau`. In closed form,
+times :math:`1 / \tau`:
+
+- forward KL: student :math:`p_s T_t - p_t`, teacher
+  :math:`p_t \odot (\log p_t - \log p_s - F)`;
+- reverse KL: student :math:`p_s \odot (\log p_s - \log p_t - F)`, teacher
+  :math:`p_t T_s - p_s`;
+- JSD: student :math:`(1 - \beta)\, p_s \odot (b_s - \langle p_s, b_s \rangle)`, teacher
+  :math:`\beta\, p_t \odot (b_t - \langle p_t, b_t \rangle)`,
+
+with :math:`T = \sum_k p_k` (1, or 0 for a row without a possible class) and
+:math:`b = \log p - \log m`. The forward KL's student gradient is the seed notes'
+:math:`p - y` with the teacher's softmax as the target.
+"""
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from ._checked import check_finite
+from ._information import xdiff
+from ._options import (
+    check_varying,
+    check_weights,
+    counted_rows,
+    finish,
+    logits_in_rows,
+    make_options,
+)
+from ._softmax import move_axes_last
+from ._spec import class_max, class_sum
+from ._validation import check_floating, check_shape, compute_dtype, static_number
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+class DivergenceSpec(NamedTuple):
+    """The static options of a divergence (hashable: a ``nondiff_argnum``)."""
+
+    kind: str
+    beta: float
+    temperature: float
+    class_axis_name: Any = None
+
+
+def divergence_spec(kind, beta, temperature, class_axis_name) -> DivergenceSpec:
+    """Validate the options; raise at trace time naming the offending value."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    beta = static_number("beta", beta)
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1), got {beta}")
+    temperature = static_number("temperature", temperature)
+    if not (math.isfinite(temperature) and temperature > 0.0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    return DivergenceSpec(kind, beta, temperature, class_axis_name)
+
+
+def _log_softmax(z, mask, spec: DivergenceSpec):
+    """``log softmax(z / tau)`` over the classes of all shards; -inf for impossible classes
+    (masked, or a -inf logit), and for every class of a row that has none possible."""
+    z = z.astype(compute_dtype(z.dtype)) / spec.temperature
+    if mask is not None:
+        z = jnp.where(mask, z, -jnp.inf)
+    top = class_max(jnp.max(z, axis=-1), spec)
+    shifted = z - jnp.where(jnp.isfinite(top), top, 0.0)[..., None]
+    log_sum = jnp.log(class_sum(jnp.sum(jnp.exp(shifted), axis=-1), spec))[..., None]
+    # (z - c) - log s, not z - (c + log s): for logits near 1e4 the sum c + log s would round
+    # away most of log s, and with it the probabilities' precision.
+    return jnp.where(z > -jnp.inf, shifted - log_sum, -jnp.inf)
+
+
+def _log_mixture(log_ps, log_pt, beta):
+    """:math:`\\log m = \\log(\\beta p_t + (1 - \\beta) p_s)`: finite wherever either is > 0."""
+    return jnp.logaddexp(math.log(beta) + log_pt, math.log1p(-beta) + log_ps)
+
+
+def _row_sum(x, spec: DivergenceSpec):
+    return class_sum(jnp.sum(x, axis=-1), spec)
+
+
+def _divergence(log_ps, log_pt, spec: DivergenceSpec):
+    """Each row's divergence from the two log-softmaxes: a term whose weight p is 0 is 0
+    (``xdiff``), a weight p > 0 against log-probability -inf is +inf."""
+    ps, pt = jnp.exp(log_ps), jnp.exp(log_pt)
+    if spec.kind == "forward_kl":
+        return _row_sum(xdiff(pt, log_pt, log_ps), spec)
+    if spec.kind == "reverse_kl":
+        return _row_sum(xdiff(ps, log_ps, log_pt), spec)
+    log_m = _log_mixture(log_ps, log_pt, spec.beta)
+    teacher_part = _row_sum(xdiff(pt, log_pt, log_m), spec)
+    student_part = _row_sum(xdiff(ps, log_ps, log_m), spec)
+    return spec.beta * teacher_part + (1.0 - spec.beta) * student_part
+
+
+def _softmax_pullback(p, p_times_a, spec: DivergenceSpec):
+    """:math:`p \\odot (a - \\langle p, a \\rangle)` given :math:`p \\odot a` (0 where p = 0)."""
+    return p_times_a - p * _row_sum(p_times_a, spec)[..., None]
+
+
+def _cotangents(log_ps, log_pt, value, spec: DivergenceSpec):
+    """``(tau dF/dz_s, tau dF/dz_t)`` per row, in closed form (see the module's table).
+
+    Where the value is +inf (the forward KL with teacher mass on a class the student cannot
+    reach, or the reverse KL the other way round), the gradient of the side whose
+    log-probabilities enter as :math:`-\\log` is undefined: NaN on that row.
+    """
+    ps, pt = jnp.exp(log_ps), jnp.exp(log_pt)
+    undefined = jnp.where(jnp.isfinite(value), 0.0, jnp.nan)[..., None]
+    if spec.kind == "forward_kl":
+        student = ps * _row_sum(pt, spec)[..., None] - pt
+        teacher = xdiff(pt, log_pt, log_ps) - pt * value[..., None] + undefined
+        return student, teacher
+    if spec.kind == "reverse_kl":
+        student = xdiff(ps, log_ps, log_pt) - ps * value[..., None] + undefined
+        teacher = pt * _row_sum(ps, spec)[..., None] - ps
+        return student, teacher
+    log_m = _log_mixture(log_ps, log_pt, spec.beta)
+    student = (1.0 - spec.beta) * _softmax_pullback(ps, xdiff(ps, log_ps, log_m), spec)
+    teacher = spec.beta * _softmax_pullback(pt, xdiff(pt, log_pt, log_m), spec)
+    return student, teacher
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def divergence_rows(student, teacher, mask, spec: DivergenceSpec):
+    """Each row's divergence of softmaxes of the logits ``student`` and ``teacher`` [..., K]."""
+    return _divergence(_log_softmax(student, mask, spec), _log_softmax(teacher, mask, spec), spec)
+
+
+def _divergence_rows_fwd(student, teacher, mask, spec):
+    value = divergence_rows(student, teacher, mask, spec)
+    return value, (student, teacher, mask, value)  # the inputs and O(N): no [N, K] residual
+
+
+def _divergence_rows_bwd(spec, residuals, g):
+    student, teacher, mask, value = residuals
+    log_ps, log_pt = _log_softmax(student, mask, spec), _log_softmax(teacher, mask, spec)
+    d_student, d_teacher = _cotangents(log_ps, log_pt, value, spec)
+    scale = (g / spec.temperature)[..., None]
+    # A row whose cotangent is 0 (uncounted, or not used) contributes 0, even where its
+    # gradient is undefined (NaN).
+    pull = lambda d, x: jnp.where(scale != 0, scale * d, 0.0).astype(x.dtype)
+    return pull(d_student, student), pull(d_teacher, teacher), None
+
+
+divergence_rows.defvjp(_divergence_rows_fwd, _divergence_rows_bwd)
+
+
+def softmax_divergence(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    where: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    base: float | None = None,
+    reduction: str = "none",
+    class_axis_name: Any = None,
+    batch_axis_name: Any = None,
+) -> jax.Array:
+    r"""A divergence between the student's and the teacher's softmax: knowledge distillation.
+
+    With :math:`p_s = \operatorname{softmax}(z_s / \tau)` and
+    :math:`p_t = \operatorname{softmax}(z_t / \tau)`:
+
+    - ``"forward_kl"``: :math:`D_{KL}(p_t \| p_s)` (mean-seeking: classic distillation);
+    - ``"reverse_kl"``: :math:`D_{KL}(p_s \| p_t)` (mode-seeking);
+    - ``"jsd"``: :math:`\beta D_{KL}(p_t \| m) + (1 - \beta) D_{KL}(p_s \| m)`,
+      :math:`m = \beta p_t + (1 - \beta) p_s`: finite always, at most
+      :math:`-\beta \log \beta - (1 - \beta) \log(1 - \beta)` (:math:`\log 2` at
+      :math:`\beta = 1/2`).
+
+    The result is not multiplied by :math:`\tau^2` (Hinton et al. scale the soft loss so; do
+    it yourself if you want it).
+
+    Args:
+      student_logits: floating logits of the student; ``axis`` holds the K classes.
+      teacher_logits: floating logits of the teacher, the same shape (any floating dtype).
+      axis: the class axis or axes.
+      kind: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
+      beta: the JSD's weight :math:`\beta \in (0, 1)` of the teacher (unused by the KLs).
+      temperature: :math:`\tau > 0`; both logits are divided by it.
+      where: boolean mask broadcastable to the logits (a mask of the batch shape masks whole
+        examples). Masked classes take no part in either softmax; a fully masked example has
+        divergence 0, gradient 0, and does not count in ``"mean"``.
+      sample_weights: the batch shape; multiplies each example's divergence.
+      base: logarithm base (``None`` nats, ``2`` bits, ``10`` hartleys).
+      reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"`` (over the counted
+        examples, weighted by their sample weights; 0 when nothing counts).
+      class_axis_name: inside ``shard_map``, the mesh axis over which the class axis of both
+        logits is split (contiguous slices, in device order); O(N) statistics are combined
+        with ``pmax`` / ``psum``, and the result is the single-device number.
+      batch_axis_name: the mesh axis over which the batch is split; ``"sum"`` and ``"mean"``
+        become global.
+
+    Returns:
+      The divergence in float32 (or wider): per example (the batch shape) or a scalar.
+
+    Note:
+      Both arguments get closed-form gradients from a custom VJP that keeps only the two
+      logits and the per-example values (listed on the module :mod:`jaxce._divergence`);
+      for the forward KL the student's is :math:`(p_s - p_t) / \tau`. A class that is
+      impossible (a :math:`-\infty` logit, or masked) for both takes no part. Teacher mass
+      on a class the student cannot reach makes the forward KL :math:`+\infty` (student
+      mass on a class the teacher cannot reach, the reverse KL): the student's gradient
+      stays the closed form above, the teacher's is NaN on that example (forward KL; the
+      other way round for the reverse KL). A :math:`+\infty` or NaN logit gives NaN.
+      bf16/f16 logits are computed in float32; gradients have the logits' dtypes. Forward
+      mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP: use reverse mode.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> student, teacher = jnp.array([1.0, 0.0, -1.0]), jnp.array([2.0, 0.0, -2.0])
+      >>> print(jaxce.softmax_divergence(student, teacher).round(5))
+      0.11561
+      >>> print(jaxce.softmax_divergence(student, teacher, kind="jsd", temperature=2.0).round(5))
+      0.01573
+    """
+    spec = divergence_spec(kind, beta, temperature, class_axis_name)
+    opts = make_options(
+        integer_labels=False, label_smoothing=0.0, z_loss=0.0, logit_softcap=None, base=base,
+        reduction=reduction, return_aux=False, class_axis_name=class_axis_name,
+        batch_axis_name=batch_axis_name,
+    )
+    teacher = jnp.asarray(teacher_logits)
+    check_floating("teacher_logits", teacher)
+    student, mask, axes, batch_shape = logits_in_rows(
+        student_logits, axis, where, opts, name="student_logits"
+    )
+    check_shape("teacher_logits", teacher, jnp.shape(student_logits), "student_logits shape")
+    teacher = move_axes_last(teacher, axes)
+    check_varying(opts, ("student_logits", student), ("student_logits", student))
+    check_varying(opts, ("teacher_logits", teacher), ("teacher_logits", teacher))
+    for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        check_finite(
+            name, logits, axes, where=where, class_axis_name=class_axis_name,
+            batch_axis_name=batch_axis_name,
+        )
+    _, sample_weights = check_weights(None, sample_weights, student.shape[-1], batch_shape)
+    loss = divergence_rows(student, teacher, mask, spec)
+    counted = counted_rows(mask, None, batch_shape, opts.spec)
+    return finish(loss, None, None, None, counted, None, sample_weights, opts)
