@@ -1,8 +1,10 @@
-"""Benchmark jaxce.linear_softmax_cross_entropy against the naive ``x @ w`` + optax, in one run.
+"""Benchmark jaxce.linear_softmax_cross_entropy against the naive ``x @ w`` + optax and jax-cce.
 
 Naive: ``optax.softmax_cross_entropy_with_integer_labels(x @ w, labels).mean()``, which holds the
-N x V logits and their gradient. Both are compiled as ``jax.jit(jax.value_and_grad(f,
-argnums=(0, 1)))`` (gradients with respect to x and w) and compared on
+N x V logits and their gradient. The peer, jax-cce (PyPI ``jax-cce``, a JAX port of Apple's Cut
+Cross-Entropy; ``pip install "jaxce[bench]"``), enters the sweep only, and is skipped with a note
+when it is not installed. All are compiled as ``jax.jit(jax.value_and_grad(f, argnums=(0, 1)))``
+(gradients with respect to x and w) and compared on
 
 - memory: ``temp_size_in_bytes`` of the compiled step (compile only, deterministic) at N=4096,
   D=512, V in {32768, 65536, 131072, 262144}; targets: flat in V, >= 50x below naive at
@@ -23,24 +25,44 @@ argnums=(0, 1)))`` (gradients with respect to x and w) and compared on
   of rows keeps every slab where one of its rows has a probability above the threshold, so
   nothing is skipped (the filter's overhead). Paired times of the filtered step against the
   exact (unfiltered) one and against naive, the share of (row block, column slab) pairs
-  skipped, and the largest change of a gradient entry relative to the largest exact entry.
+  skipped, and the largest change of a gradient entry relative to the largest exact entry;
+- sweep: jaxce, naive and jax-cce side by side at N=4096, D=512 over V in {32768, 65536,
+  131072, 262144} (float32; bfloat16 at 65536 and 262144), a ragged N=4000 (not a power of
+  two) at V=131072 and D in {1024, 2048} at V=65536. jax-cce takes ``w`` as [V, D] (it computes
+  ``x @ w.T``): each side gets its natural layout, jax-cce's ``w.T`` made once outside the
+  timed step. First, the three agree on a small case (N=300, D=64, V=5000: the relative max
+  differences of the loss, dx and dw from naive are printed, and asserted below 1e-4). Each
+  row: how jaxce walks (the gradients fused into the sweep over blocks of rows, or a second
+  sweep over tiles of columns); the naive step's median ms; the medians of the per-round time
+  ratios jaxce/naive (with its 10-90% spread), jax-cce/naive and jaxce/jax-cce, the three steps
+  run in turn with their order rotated every round; ``temp_size_in_bytes`` of each in MiB. The
+  times are at ``--sweep-shape`` (default 4096 512; a row's N and D are scaled by it / (4096,
+  512)), the MiB always at the full shapes. Targets, checked in the last column and line:
+  jaxce <= 1.0x naive at every V and faster than jax-cce; jaxce's temp flat in V (max <= 1.25x
+  min over the float32 rows), <= 64 MiB and below jax-cce's.
+
+The header names the CPU (model, cores, AVX2/AVX-512/AMX flags from /proc/cpuinfo where there
+is one) and the devices; the script runs unchanged on a GPU (``JAX_PLATFORMS=cuda``).
 
 Usage::
 
-    python benchmarks/bench_linear.py              # the full table (a few minutes on 2 cores)
+    python benchmarks/bench_linear.py              # every table (the sweep: hours on 2 cores)
     python benchmarks/bench_linear.py --quick      # smaller time shapes, fewer repeats
     python benchmarks/bench_linear.py --block-size 64 --only time
     python benchmarks/bench_linear.py --only filter
-    python benchmarks/bench_linear.py --only sweep --repeats 3   # V = 32768 ... 262144
+    python benchmarks/bench_linear.py --only sweep                  # N=4096 D=512
+    python benchmarks/bench_linear.py --only sweep --sweep-shape 2048 256 --repeats 3
+    JAX_PLATFORMS=cuda python benchmarks/bench_linear.py --only sweep
 
-- sweep: V in {32768, 65536, 131072, 262144} (float32; bfloat16 at 65536 and 262144) and a
-  ragged N (not a power of two) at V=131072: how the step walks (the gradients fused into the
-  sweep over blocks of rows, or a second sweep over tiles of columns), the paired time ratio
-  against naive at ``--sweep-shape`` (default N=2048 D=256: N=4096 D=512 takes minutes per
-  row on 2 cores) and temp MiB at N=4096 (4000) D=512.
+On 2 shared CPU cores, ``--only sweep --quick`` (times at N=512 D=128) took 3 to 6 minutes and
+``--only sweep --sweep-shape 2048 256 --repeats 3`` 12 minutes; the default sweep (N=4096 D=512,
+9 rounds after 2 warm-up calls) does 8x the work per step and about 2x the calls: some 3-4 hours
+there (and ~11 GiB of naive temporaries at V=262144), minutes on a GPU.
 """
 
 import argparse
+import functools
+import importlib.metadata
 import shlex
 import statistics
 import sys
@@ -50,14 +72,19 @@ import jax.numpy as jnp
 import jaxlib.version
 import numpy as np
 import optax
+from _timing import machine, paired_times, rotated_times  # benchmarks/_timing.py
 
 import jaxce
-from _timing import paired_times  # benchmarks/_timing.py (the script's folder)
-from jaxce import _linear
+from jaxce import _sweeps
+
+try:
+    import jax_cce  # the peer (Cut Cross-Entropy in JAX): pip install "jaxce[bench]"
+except ImportError:
+    jax_cce = None
 
 IGNORE = -100
 MIB = 2**20
-OPTIONS = dict(label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0, ignore_index=IGNORE)
+OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-4, "logit_softcap": 30.0, "ignore_index": IGNORE}
 
 
 def naive(x, w, y):
@@ -78,10 +105,11 @@ def step(f):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
 
-def temp_bytes(f, n, d, v, dtype=jnp.float32):
+def temp_bytes(f, n, d, v, dtype=jnp.float32, transposed=False):
+    """Temp bytes of ``step(f)``, its ``w`` [D, V] (or [V, D] if ``transposed``)."""
     shapes = (
         jax.ShapeDtypeStruct((n, d), dtype),
-        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((v, d) if transposed else (d, v), dtype),
         jax.ShapeDtypeStruct((n,), jnp.int32),
     )
     return step(f).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
@@ -108,7 +136,10 @@ def memory_table(args):
         target = {65536: ">=50x", 262144: ">=200x"}.get(v, "")
         if target:
             target += "  " + ("yes" if theirs >= float(target[2:-1]) * ours else "NO")
-        line = f"{v:>8}{block:>7}{ours / MIB:>11.1f}{theirs / MIB:>11.1f}{theirs / ours:>13.1f}  {target}"
+        line = (
+            f"{v:>8}{block:>7}{ours / MIB:>11.1f}{theirs / MIB:>11.1f}{theirs / ours:>13.1f}"
+            f"  {target}"
+        )
         lines.append(line)
         print(line, flush=True)
     return lines
@@ -128,8 +159,10 @@ def time_table(args):
         f"{'jaxce MiB':>11}{'naive MiB':>11}  target"
     )
     lines = [
-        f"time: N={n} D={d} V={v}, block_size={block}; median of {args.repeats} pairs "
-        f"after {args.warmup} warm-up calls each",
+        (
+            f"time: N={n} D={d} V={v}, block_size={block}; median of {args.repeats} pairs "
+            f"after {args.warmup} warm-up calls each"
+        ),
         header,
         "-" * len(header),
     ]
@@ -138,7 +171,8 @@ def time_table(args):
         x, w, y = make_inputs(n, d, v, dtype)
         ya = jnp.where(jnp.arange(n) % 8 == 3, IGNORE, y) if ignored else y
         fa, fb = step(f), step(naive)
-        ta, tb = paired_times(lambda: fa(x, w, ya), lambda: fb(x, w, y), args.repeats, args.warmup)
+        calls = functools.partial(fa, x, w, ya), functools.partial(fb, x, w, y)
+        ta, tb = paired_times(*calls, args.repeats, args.warmup)
         ratios = ta / tb
         lo, hi = np.percentile(ratios, [10, 90])
         ratio = float(np.median(ratios))
@@ -155,58 +189,132 @@ def time_table(args):
 
 
 SWEEP_V = (32768, 65536, 131072, 262144)
+SWEEP_SHAPE = (4096, 512)  # N, D of the sweep's rows (and of its targets)
+SWEEP_TARGET_MIB = 64
+
+
+def cut_cross_entropy(x, wt, y):
+    """The peer jax-cce (mean, float32 result) on ``wt`` = ``w.T`` [V, D], its natural layout."""
+    return jax_cce.linear_cross_entropy(x, wt, y)
 
 
 def walk(n, d, v, block_size):
     """How the step walks: "fused" (gradients in the row sweep) or "tiled" (a column sweep)."""
     block = block_size or _sweeps.default_block_size(n, v)
-    fuses = getattr(_linear, "fuses_gradients", None)  # absent before the column-tiled sweep
-    if fuses is None:
-        return f"fused, block {block}"
     rows, cols = _sweeps.tile_shape(n, d, v, block)
-    return f"fused, block {block}" if fuses(v, block, (rows, cols)) else f"tiled {rows}x{cols}"
+    fused = _sweeps.fuses_gradients(v, block, (rows, cols))
+    return f"fused, block {block}" if fused else f"tiled {rows}x{cols}"
+
+
+def sweep_cases():
+    """(N, D, V, dtype) of the sweep's rows at full size (the memory columns' shapes)."""
+    n, d = SWEEP_SHAPE
+    cases = [(n, d, v, jnp.float32) for v in SWEEP_V]
+    cases += [(n, d, v, jnp.bfloat16) for v in (SWEEP_V[1], SWEEP_V[3])]
+    cases.append((4000, d, SWEEP_V[2], jnp.float32))  # not a power of two: a ragged last block
+    cases += [(n, dd, SWEEP_V[1], jnp.float32) for dd in (1024, 2048)]
+    return cases
+
+
+def agreement(n=300, d=64, v=5000):
+    """Relative max differences from naive of the loss, dx and dw, for jaxce and jax-cce.
+
+    V=5000 is not a multiple of jax-cce's 4096-column chunks, nor N=300 of a power of two.
+    """
+    x, w, y = make_inputs(n, d, v, jnp.float32, seed=1)
+    loss, (dx, dw) = step(naive)(x, w, y)
+    ours_loss, (ours_dx, ours_dw) = step(blockwise(None))(x, w, y)
+    errors = {"jaxce": (rel_err(ours_loss, loss), rel_err(ours_dx, dx), rel_err(ours_dw, dw))}
+    if jax_cce is not None:
+        cce_loss, (cce_dx, cce_dwt) = step(cut_cross_entropy)(x, w.T, y)
+        errors["jax-cce"] = (rel_err(cce_loss, loss), rel_err(cce_dx, dx), rel_err(cce_dwt.T, dw))
+    return errors
 
 
 def sweep_table(args):
-    """V sweep, jaxce vs naive: temp MiB at N=4096 D=512 and paired times at args.sweep_shape."""
-    mem_n, mem_d = 4096, 512
+    """jaxce, naive and jax-cce side by side over V (and a ragged N, and larger D).
+
+    Paired times at ``args.sweep_shape`` (the rows' N and D scaled by it / (4096, 512)), temp
+    MiB (compile only) at the rows' full N and D.
+    """
     n, d = args.sweep_shape
-    cases = [(n, v, jnp.float32) for v in SWEEP_V]
-    cases += [(n, v, jnp.bfloat16) for v in (SWEEP_V[1], SWEEP_V[3])]
-    ragged_n = n * 4000 // 4096  # not a power of two: a ragged last block of rows
-    cases.append((ragged_n, SWEEP_V[2], jnp.float32))
-    header = (
-        f"{'N':>6}{'V':>8}{'dtype':>10}{'  walk':<22}{'jaxce ms':>10}{'naive ms':>10}{'ratio':>7}"
-        f"{'spread':>12}{'jaxce MiB':>11}{'naive MiB':>11}"
-    )
+    peers = jax_cce is not None
+    errors = agreement()
     lines = [
-        f"sweep: jit(value_and_grad) w.r.t. (x, w), mean; MiB (temp_size_in_bytes) at N={mem_n} "
-        f"(N=4000 in the ragged row) D={mem_d}; times at N={n} D={d} (N={ragged_n} ragged), "
-        f"median of {args.repeats} pairs after {args.warmup} warm-up calls each",
+        "agreement with naive, N=300 D=64 V=5000 float32, max |diff| / max |naive|: "
+        + "; ".join(
+            f"{name} loss {e[0]:.1e} dx {e[1]:.1e} dw {e[2]:.1e}" for name, e in errors.items()
+        )
+    ]
+    if not peers:
+        lines.append(
+            "jax-cce is not installed (pip install 'jaxce[bench]'): its columns are skipped"
+        )
+    print(*lines, sep="\n", flush=True)
+    assert all(e < 1e-4 for es in errors.values() for e in es), errors
+    header = (
+        f"{'N':>6}{'D':>6}{'V':>8}{'dtype':>10}  {'walk':<20}{'naive ms':>10}{'jaxce/naive':>12}"
+        f"{'spread':>11}{'cce/naive':>10}{'jaxce/cce':>10}{'jaxce MiB':>10}{'cce MiB':>9}"
+        f"{'naive MiB':>10}  targets"
+    )
+    lines += [
+        (
+            f"sweep: jit(value_and_grad) w.r.t. (x, w), mean; times at N, D below (--sweep-shape "
+            f"{n} {d} scales the full shapes {SWEEP_SHAPE[0]} {SWEEP_SHAPE[1]}), median of "
+            f"{args.repeats} rounds ({'jaxce, naive, jax-cce' if peers else 'jaxce, naive'} in "
+            f"rotated order) after {args.warmup} warm-up calls each;"
+        ),
+        (
+            "MiB (temp_size_in_bytes) at the full shapes: N=4096 (4000 in the ragged row), D=512 "
+            "(1024, 2048 in the D rows); jax-cce takes w.T [V, D], transposed once outside the step"
+        ),
         header,
         "-" * len(header),
     ]
-    print(*lines, sep="\n", flush=True)
+    print(*lines[-4:], sep="\n", flush=True)
     f = blockwise(args.block_size)
-    for tn, v, dtype in cases:
-        mn = mem_n if tn == n else 4000
-        x, w, y = make_inputs(tn, d, v, dtype)
-        fa, fb = step(f), step(naive)
-        ta, tb = paired_times(lambda: fa(x, w, y), lambda: fb(x, w, y), args.repeats, args.warmup)
-        del x, w, y
-        ratios = ta / tb
-        lo, hi = np.percentile(ratios, [10, 90])
-        mem_a = temp_bytes(f, mn, mem_d, v, dtype)
-        mem_b = temp_bytes(naive, mn, mem_d, v, dtype)
+    temps = {}
+    for mem_n, mem_d, v, dtype in sweep_cases():
+        tn, td = n * mem_n // SWEEP_SHAPE[0], d * mem_d // SWEEP_SHAPE[1]
+        x, w, y = make_inputs(tn, td, v, dtype)
+        calls = [functools.partial(step(f), x, w, y), functools.partial(step(naive), x, w, y)]
+        if peers:  # its natural layout, transposed once outside the timed step
+            wt = jax.block_until_ready(w.T)
+            calls.append(functools.partial(step(cut_cross_entropy), x, wt, y))
+        times = rotated_times(calls, args.repeats, args.warmup)
+        del x, w, y, calls
+        ta, tb = times[:2]
+        ratio = float(np.median(ta / tb))
+        lo, hi = np.percentile(ta / tb, [10, 90])
+        mem = [temp_bytes(f, mem_n, mem_d, v, dtype), temp_bytes(naive, mem_n, mem_d, v, dtype)]
+        failed = [] if ratio <= 1.0 else ["slower than naive"]
+        failed += [] if mem[0] <= SWEEP_TARGET_MIB * MIB else [f"> {SWEEP_TARGET_MIB} MiB"]
+        cce = "-", "-", "-"
+        if peers:
+            tc = times[2]
+            mem.append(temp_bytes(cut_cross_entropy, mem_n, mem_d, v, dtype, transposed=True))
+            cce = f"{np.median(tc / tb):.2f}", f"{np.median(ta / tc):.2f}", f"{mem[2] / MIB:.1f}"
+            failed += [] if np.median(ta / tc) < 1.0 else ["slower than jax-cce"]
+            failed += [] if mem[0] < mem[2] else ["MiB >= jax-cce's"]
         name = jnp.dtype(dtype).name
+        temps[mem_n, mem_d, v, name] = mem
         line = (
-            f"{tn:>6}{v:>8}{name:>10}  {walk(tn, d, v, args.block_size):<20}"
-            f"{1e3 * statistics.median(ta):>10.1f}{1e3 * statistics.median(tb):>10.1f}"
-            f"{float(np.median(ratios)):>7.2f}{f'{lo:.2f}-{hi:.2f}':>12}"
-            f"{mem_a / MIB:>11.1f}{mem_b / MIB:>11.1f}"
+            f"{tn:>6}{td:>6}{v:>8}{name:>10}  {walk(tn, td, v, args.block_size):<20}"
+            f"{1e3 * statistics.median(tb):>10.1f}{ratio:>12.2f}"
+            f"{f'{lo:.2f}-{hi:.2f}':>11}{cce[0]:>10}{cce[1]:>10}{mem[0] / MIB:>10.1f}{cce[2]:>9}"
+            f"{mem[1] / MIB:>10.1f}  {', '.join(failed) or 'met'}"
         )
         lines.append(line)
         print(line, flush=True)
+    over_v = [temps[(*SWEEP_SHAPE, v, "float32")][0] for v in SWEEP_V]
+    flat = max(over_v) / min(over_v)
+    line = (
+        f"jaxce temp over V (float32, N={SWEEP_SHAPE[0]} D={SWEEP_SHAPE[1]}): "
+        f"{min(over_v) / MIB:.1f}-{max(over_v) / MIB:.1f} MiB, max/min {flat:.2f} "
+        f"(target <= 1.25: {'met' if flat <= 1.25 else 'NO'})"
+    )
+    lines.append(line)
+    print(line, flush=True)
     return lines
 
 
@@ -256,22 +364,23 @@ def filter_table(args):
         f"{'skipped':>9}{'dx err':>9}{'dw err':>9}"
     )
     lines = [
-        f"gradient_filter={FILTER:.3g} (2**-12): N={n} D={d} V={v} float32, block_size={block}, "
-        f"slab={min(_sweeps._slab_columns(d), _sweeps.FILTER_COLUMNS)} columns; "
-        f"median of {args.repeats} pairs",
+        (
+            f"gradient_filter={FILTER:.3g} (2**-12): N={n} D={d} V={v} float32, "
+            f"block_size={block}, slab={min(_sweeps._slab_columns(d), _sweeps.FILTER_COLUMNS)} "
+            f"columns; median of {args.repeats} pairs"
+        ),
         header,
         "-" * len(header),
     ]
     print(*lines, sep="\n", flush=True)
     filtered = step(blockwise(args.block_size, gradient_filter=FILTER))
     exact = step(blockwise(args.block_size))
-    fn = step(naive)
+    steps = filtered, exact, step(naive)
     for name in ("confident", "zipf", "1/64 unsure"):
         x, w, y = make_peaked_inputs(n, d, v, name)
-        ta, tb = paired_times(lambda: filtered(x, w, y), lambda: exact(x, w, y), args.repeats,
-                              args.warmup)
-        tc, td = paired_times(lambda: filtered(x, w, y), lambda: fn(x, w, y), args.repeats,
-                              args.warmup)
+        run_filtered, run_exact, run_naive = (functools.partial(g, x, w, y) for g in steps)
+        ta, tb = paired_times(run_filtered, run_exact, args.repeats, args.warmup)
+        tc, td = paired_times(run_filtered, run_naive, args.repeats, args.warmup)
         (lf, (dxf, dwf)), (le, (dxe, dwe)) = filtered(x, w, y), exact(x, w, y)
         assert lf == le, (lf, le)  # the filter leaves the loss alone
         line = (
@@ -282,30 +391,44 @@ def filter_table(args):
         )
         lines.append(line)
         print(line, flush=True)
-    print("dx err, dw err: max |filtered - exact| / max |exact| (1.0: all of it dropped)",
-          flush=True)
+    print(
+        "dx err, dw err: max |filtered - exact| / max |exact| (1.0: all of it dropped)", flush=True
+    )
     return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N=512, D=128, V=8192 for the times")
-    parser.add_argument("--block-size", type=int, default=None, help="rows per block (default: auto)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed pairs per row (default 9)")
+    parser.add_argument(
+        "--quick", action="store_true", help="N=512, D=128 (V=8192 but in the sweep) for the times"
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=None, help="rows per block (default: auto)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed pairs (rounds) per row (default 9)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each function")
     parser.add_argument("--only", choices=("memory", "time", "filter", "sweep"), default=None)
     parser.add_argument(
-        "--sweep-shape", type=int, nargs=2, default=(2048, 256), metavar=("N", "D"),
-        help="N and D of the sweep's times (default 2048 256; its memory is at 4096 512)",
+        "--sweep-shape",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("N", "D"),
+        help="N and D of the sweep's times (default 4096 512, --quick 512 128; its memory is "
+        "always at 4096 512)",
     )
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (5 if args.quick else 9)
+    args.sweep_shape = args.sweep_shape or ((512, 128) if args.quick else SWEEP_SHAPE)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(
         f"jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, optax {optax.__version__}, "
-        f"jaxce {jaxce.__version__}; backend {jax.default_backend()} "
-        f"({jax.device_count()} x {jax.devices()[0].device_kind})\n"
+        f"jaxce {jaxce.__version__}; backend {jax.default_backend()}; "
+        f"jax-cce {importlib.metadata.version('jax-cce') if jax_cce else 'not installed'}"
     )
+    print(machine() + "\n")
     lines = []
     if args.only in (None, "memory"):
         lines += memory_table(args) + [""]
@@ -315,7 +438,10 @@ def main(argv=None):
         lines += filter_table(args) + [""]
     if args.only in (None, "sweep"):
         lines += sweep_table(args)
-    print("\nratio: median of per-pair time ratios jaxce/naive (spread: 10-90% range); MiB = 2**20 B")
+    print(
+        "\nratio: median of per-pair (sweep: per-round) time ratios, a/b timed back to back; "
+        "spread: 10-90% range of jaxce/naive; MiB = 2**20 B"
+    )
     return lines
 
 
