@@ -12,6 +12,7 @@ from jax.typing import ArrayLike
 from ._checked import check_distribution, check_finite, check_labels
 from ._options import (
     Options,
+    check_segments,
     check_varying,
     check_weights,
     counted_rows,
@@ -32,7 +33,8 @@ from ._validation import (
 
 
 def _in_place_loss(
-    z, labels, mask, ignored, batch_shape, class_weights, sample_weights, opts: Options
+    z, labels, mask, ignored, batch_shape, class_weights, sample_weights, opts: Options,
+    segments=None,
 ):
     """The in-place path of both softmax cross-entropies, from logits moved to [..., K]."""
     check_varying(opts, ("logits", z), ("logits", z))
@@ -41,7 +43,9 @@ def _in_place_loss(
     )
     loss, lse, correct = row_losses(z, labels, mask, class_weights, opts.spec)
     counted = counted_rows(mask, ignored, batch_shape, opts.spec)
-    return finish(loss, lse, correct, labels, counted, class_weights, sample_weights, opts)
+    return finish(
+        loss, lse, correct, labels, counted, class_weights, sample_weights, opts, segments
+    )
 
 
 @with_option_doc
@@ -61,6 +65,8 @@ def softmax_cross_entropy(
     return_aux: bool = False,
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
+    segment_ids: ArrayLike | None = None,
+    num_segments: int | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     r"""Softmax cross-entropy against label distributions: :math:`-\sum_k y_k \log p_k`.
 
@@ -101,6 +107,8 @@ def softmax_cross_entropy(
         return_aux=return_aux,
         class_axis_name=class_axis_name,
         batch_axis_name=batch_axis_name,
+        segmented=True,
+        num_segments=num_segments,
     )
     logits_in = jnp.asarray(logits)
     z, mask, axes, batch_shape = logits_in_rows(logits_in, axis, where, opts)
@@ -111,7 +119,10 @@ def softmax_cross_entropy(
     check_finite("logits", logits_in, axes, where=where, **mesh_axes)
     check_distribution("labels", labels, axes, where=where, **mesh_axes)
     y = move_axes_last(labels, axes)
-    return _in_place_loss(z, y, mask, None, batch_shape, class_weights, sample_weights, opts)
+    segments = check_segments(segment_ids, batch_shape, opts)
+    return _in_place_loss(
+        z, y, mask, None, batch_shape, class_weights, sample_weights, opts, segments
+    )
 
 
 @with_option_doc
@@ -132,6 +143,8 @@ def softmax_cross_entropy_with_integer_labels(
     return_aux: bool = False,
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
+    segment_ids: ArrayLike | None = None,
+    num_segments: int | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     r"""Softmax cross-entropy against integer labels: :math:`\operatorname{lse}(z) - z_y`.
 
@@ -184,6 +197,8 @@ def softmax_cross_entropy_with_integer_labels(
         ignore_index=ignore_index,
         class_axis_name=class_axis_name,
         batch_axis_name=batch_axis_name,
+        segmented=True,
+        num_segments=num_segments,
     )
     z, mask, axes, batch_shape = logits_in_rows(logits, axis, where, opts)
     what = f"logits shape without axis {axis}"
@@ -196,7 +211,10 @@ def softmax_cross_entropy_with_integer_labels(
         labels, z.shape[-1], ignore_index=opts.ignore_index, class_axis_name=class_axis_name,
         batch_axis_name=batch_axis_name,
     )
-    return _in_place_loss(z, ids, mask, ignored, batch_shape, class_weights, sample_weights, opts)
+    segments = check_segments(segment_ids, batch_shape, opts)
+    return _in_place_loss(
+        z, ids, mask, ignored, batch_shape, class_weights, sample_weights, opts, segments
+    )
 
 
 def nll_loss(

@@ -5,7 +5,8 @@ and :math:`p_t = \operatorname{softmax}(z_t / \tau)` (the teacher), per example:
 
 .. math::
     \text{forward KL: } D(p_t \| p_s), \qquad \text{reverse KL: } D(p_s \| p_t), \qquad
-    \text{JSD}_\beta = \beta D(p_t \| m) + (1 - \beta) D(p_s \| m),\ m = \beta p_t + (1 - \beta) p_s.
+    \text{JSD}_\beta = \beta D(p_t \| m) + (1 - \beta) D(p_s \| m),
+    \quad m = \beta p_t + (1 - \beta) p_s.
 
 Each is a function :math:`F(p_s, p_t)`, and the gradient in the logits of one side is the
 softmax's Jacobian applied to :math:`a = \partial F / \partial p`:
@@ -36,6 +37,7 @@ from jax.typing import ArrayLike
 from ._checked import check_finite
 from ._information import xdiff
 from ._options import (
+    check_segments,
     check_varying,
     check_weights,
     counted_rows,
@@ -176,6 +178,8 @@ def softmax_divergence(
     reduction: str = "none",
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
+    segment_ids: ArrayLike | None = None,
+    num_segments: int | None = None,
 ) -> jax.Array:
     r"""A divergence between the student's and the teacher's softmax: knowledge distillation.
 
@@ -204,13 +208,17 @@ def softmax_divergence(
         divergence 0, gradient 0, and does not count in ``"mean"``.
       sample_weights: the batch shape; multiplies each example's divergence.
       base: logarithm base (``None`` nats, ``2`` bits, ``10`` hartleys).
-      reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"`` (over the counted
-        examples, weighted by their sample weights; 0 when nothing counts).
+      reduction: ``"none"`` (per example), ``"sum"``, ``"mean"`` (over the counted
+        examples, weighted by their sample weights; 0 when nothing counts) or
+        ``"segment_mean"`` (that mean within each segment, then over the segments: as in
+        :func:`~jaxce.softmax_cross_entropy_with_integer_labels`).
       class_axis_name: inside ``shard_map``, the mesh axis over which the class axis of both
         logits is split (contiguous slices, in device order); O(N) statistics are combined
         with ``pmax`` / ``psum``, and the result is the single-device number.
       batch_axis_name: the mesh axis over which the batch is split; ``"sum"`` and ``"mean"``
         become global.
+      segment_ids: with ``"segment_mean"``, each example's segment id (the batch shape).
+      num_segments: with ``"segment_mean"``, the number of segment ids (a static int).
 
     Returns:
       The divergence in float32 (or wider): per example (the batch shape) or a scalar.
@@ -239,7 +247,7 @@ def softmax_divergence(
     opts = make_options(
         integer_labels=False, label_smoothing=0.0, z_loss=0.0, logit_softcap=None, base=base,
         reduction=reduction, return_aux=False, class_axis_name=class_axis_name,
-        batch_axis_name=batch_axis_name,
+        batch_axis_name=batch_axis_name, segmented=True, num_segments=num_segments,
     )
     teacher = jnp.asarray(teacher_logits)
     check_floating("teacher_logits", teacher)
@@ -258,4 +266,5 @@ def softmax_divergence(
     _, sample_weights = check_weights(None, sample_weights, student.shape[-1], batch_shape)
     loss = divergence_rows(student, teacher, mask, spec)
     counted = counted_rows(mask, None, batch_shape, opts.spec)
-    return finish(loss, None, None, None, counted, None, sample_weights, opts)
+    segments = check_segments(segment_ids, batch_shape, opts)
+    return finish(loss, None, None, None, counted, None, sample_weights, opts, segments)

@@ -31,6 +31,7 @@ from jax.typing import ArrayLike
 
 from ._checked import check_finite, check_labels
 from ._options import (
+    check_segments,
     check_varying,
     check_weights,
     counted_rows,
@@ -204,6 +205,8 @@ def linear_softmax_cross_entropy(
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
     gradient_filter: float | None = None,
+    segment_ids: ArrayLike | None = None,
+    num_segments: int | None = None,
 ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
     r"""Softmax cross-entropy of the logits ``x @ w + bias`` against integer labels, blockwise.
 
@@ -228,8 +231,10 @@ def linear_softmax_cross_entropy(
       z_loss: :math:`\lambda_z \ge 0`; adds :math:`\lambda_z \operatorname{lse}(z)^2` per example.
       logit_softcap: :math:`c > 0`; logits pass through :math:`c \tanh(z / c)` first.
       base: logarithm base of the loss (``None`` nats, ``2`` bits).
-      reduction: ``"mean"`` (default: over counted examples, 0 if none counts), ``"sum"`` or
-        ``"none"``.
+      reduction: ``"mean"`` (default: over counted examples, 0 if none counts), ``"sum"``,
+        ``"none"`` or ``"segment_mean"`` (as in
+        :func:`~jaxce.softmax_cross_entropy_with_integer_labels`; its gradients come from the
+        per-example path, the blocks recomputed backward).
       return_aux: also return a dict with per-example ``logsumexp``, the ``z_loss`` term and
         ``correct`` (the label's logit is the largest).
       block_size: rows per block; by default about :data:`~jaxce._sweeps.BLOCK_BYTES` of
@@ -252,6 +257,8 @@ def linear_softmax_cross_entropy(
         gradients stay exact. Pays off on peaked (trained) softmaxes whose likely classes
         cluster in a few slabs (a vocabulary sorted by frequency); ``benchmarks/bench_linear.py``
         measures ``2**-12``.
+      segment_ids: with ``"segment_mean"``, each example's segment id (the batch shape).
+      num_segments: with ``"segment_mean"``, the number of segment ids (a static int).
 
     Returns:
       The loss in float32 (or wider): a scalar, or per example with ``reduction="none"``;
@@ -290,6 +297,8 @@ def linear_softmax_cross_entropy(
         ignore_index=ignore_index,
         class_axis_name=class_axis_name,
         batch_axis_name=batch_axis_name,
+        segmented=True,
+        num_segments=num_segments,
     )
     x, w = jnp.asarray(x), jnp.asarray(w)
     check_floating("x", x)
@@ -340,9 +349,12 @@ def linear_softmax_cross_entropy(
     y = ids.reshape(n)
     sw = None if sample_weights is None else sample_weights.reshape(n)
     counted = counted_rows(mask, None if ignored is None else ignored.reshape(n), (n,), opts.spec)
-    if opts.reduction == "none":
+    segments = check_segments(segment_ids, batch_shape, opts)
+    if segments is not None:
+        segments = (segments[0].reshape(n), segments[1])
+    if opts.reduction in ("none", "segment_mean"):  # per-example losses, recomputed backward
         loss, lse, correct = _rows(x2, w, bias, y, mask, class_weights, opts, block, tile, filt)
-        out = finish(loss, lse, correct, y, counted, class_weights, sw, opts)
+        out = finish(loss, lse, correct, y, counted, class_weights, sw, opts, segments)
     else:
         out = _reduced(x2, w, bias, y, mask, class_weights, sw, counted, opts, block, tile, filt)
     unflat = lambda a: a.reshape(batch_shape) if a.ndim == 1 else a

@@ -30,6 +30,9 @@ from ._validation import (
 # denominator, and the custom VJP sees the per-example cotangent.
 
 
+_INT32 = jnp.iinfo(jnp.int32)
+
+
 def _mean(num, den):
     """``num / den``; 0 / 0 is 0 (nothing counted), while x / 0 for x != 0 is NaN (undefined).
 
@@ -44,15 +47,18 @@ def _mean(num, den):
 
 
 def reduce_losses(
-    loss, counted, norm, reduction: str, scale: float, batch_axis_name=None
+    loss, counted, norm, reduction: str, scale: float, batch_axis_name=None, segments=None
 ) -> jax.Array:
     """Reduce per-example losses that are already 0 on the uncounted examples.
 
     ``norm`` is each counted example's share of the mean's denominator; ``scale`` is ln(base).
-    ``batch_axis_name`` makes the sums global across a sharded batch.
+    ``batch_axis_name`` makes the sums global across a sharded batch. ``segments`` is the pair
+    ``(segment_ids, num_segments)`` of ``"segment_mean"``.
     """
     if reduction == "none":
         return loss / scale
+    if reduction == "segment_mean":
+        return _segment_mean(loss, counted, norm, segments, batch_axis_name) / scale
     total = jnp.sum(loss)
     if batch_axis_name is not None:
         total = lax.psum(total, batch_axis_name)
@@ -62,6 +68,45 @@ def reduce_losses(
     if batch_axis_name is not None:
         den = lax.psum(den, batch_axis_name)
     return _mean(total, den) / scale
+
+
+def _segment_mean(loss, counted, norm, segments, batch_axis_name):
+    """The mean of each segment's counted losses (weighted by ``norm``), then the mean over the
+    segments whose counted weight is not 0 (T5X's per-sequence average of packed sequences).
+
+    Segment ids are global (across a sharded batch too). A counted example whose id is outside
+    ``[0, num_segments)`` makes the result NaN: it is never dropped or wrapped silently.
+    """
+    segment_ids, num_segments = segments
+    ids = segment_ids.reshape(-1)
+    inside = (ids >= 0) & (ids < num_segments)
+    # An example outside every segment adds nothing (its loss is zeroed, with its gradient).
+    sums = jax.ops.segment_sum(jnp.where(inside, loss.reshape(-1), 0.0), ids, num_segments)
+    weights = jnp.where(counted & inside.reshape(counted.shape), norm, 0.0).reshape(-1)
+    dens = jax.ops.segment_sum(weights, ids, num_segments)
+    stray = jnp.sum(counted.reshape(-1) & ~inside, dtype=jnp.int32)
+    if batch_axis_name is not None:
+        sums, dens, stray = (lax.psum(a, batch_axis_name) for a in (sums, dens, stray))
+    means = _mean(sums, dens)
+    held = jnp.sum(dens != 0, dtype=sums.dtype)
+    return _mean(jnp.sum(means), held) + jnp.where(stray > 0, jnp.nan, 0.0)
+
+
+def check_segments(segment_ids, batch_shape, opts: "Options"):
+    """``(segment_ids, num_segments)`` as int32 ids of the batch shape for ``"segment_mean"``;
+    None for the other reductions (which ignore ``segment_ids``)."""
+    if opts.reduction != "segment_mean":
+        return None
+    if segment_ids is None:
+        raise ValueError('reduction="segment_mean" needs segment_ids (integers of the batch shape)')
+    segment_ids = jnp.asarray(segment_ids)
+    check_integer("segment_ids", segment_ids)
+    check_shape("segment_ids", segment_ids, batch_shape, "the batch shape")
+    info = jnp.iinfo(segment_ids.dtype)
+    if info.max > _INT32.max or info.min < _INT32.min:  # beyond int32: outside every segment
+        fits = (segment_ids >= _INT32.min) & (segment_ids <= _INT32.max)
+        segment_ids = jnp.where(fits, segment_ids, -1)
+    return segment_ids.astype(jnp.int32), opts.num_segments
 
 
 def label_class_weights(class_weights, labels, spec: Spec):
@@ -78,6 +123,7 @@ class Options(NamedTuple):
     return_aux: bool
     ignore_index: int | None
     batch_axis_name: Any
+    num_segments: int | None = None  # with reduction="segment_mean"
 
 
 def make_options(
@@ -92,8 +138,20 @@ def make_options(
     ignore_index=None,
     class_axis_name=None,
     batch_axis_name=None,
+    segmented=False,
+    num_segments=None,
 ) -> Options:
-    check_reduction(reduction)
+    """Validated options; ``segmented`` entry points also take ``reduction="segment_mean"``,
+    which needs ``num_segments``, a static int >= 1."""
+    check_reduction(reduction, segmented)
+    if reduction == "segment_mean":
+        num_segments = static_int("num_segments", num_segments, optional=True)
+        if num_segments is None or num_segments < 1:
+            raise ValueError(
+                f'reduction="segment_mean" needs num_segments, an int >= 1, got {num_segments!r}'
+            )
+    else:
+        num_segments = None
     ignore_index = static_int("ignore_index", ignore_index, optional=True)
     spec = Spec(
         integer_labels=integer_labels,
@@ -102,7 +160,10 @@ def make_options(
         logit_softcap=check_softcap(logit_softcap),
         class_axis_name=class_axis_name,
     )
-    return Options(spec, log_base(base), reduction, bool(return_aux), ignore_index, batch_axis_name)
+    return Options(
+        spec, log_base(base), reduction, bool(return_aux), ignore_index, batch_axis_name,
+        num_segments,
+    )
 
 
 def check_varying(opts: Options, class_operand, batch_operand) -> None:
@@ -143,8 +204,13 @@ def check_weights(class_weights, sample_weights, num_classes, batch_shape):
     return class_weights, sample_weights
 
 
-def finish(stats_loss, lse, correct, labels, counted, class_weights, sample_weights, opts: Options):
-    """Apply sample weights, reduction and base; build the aux dict. Shared by every path."""
+def finish(
+    stats_loss, lse, correct, labels, counted, class_weights, sample_weights, opts: Options,
+    segments=None,
+):
+    """Apply sample weights, reduction and base; build the aux dict. Shared by every path.
+
+    ``segments``: :func:`check_segments`' pair for ``"segment_mean"``."""
     spec = opts.spec
     # Uncounted rows take no part: their loss (NaN for an ignored label that matches no class)
     # and their sample weight (even NaN) are zeroed before they meet, so neither reaches the
@@ -156,7 +222,9 @@ def finish(stats_loss, lse, correct, labels, counted, class_weights, sample_weig
     if sample_weights is not None:
         weights = jnp.where(counted, sample_weights, 0.0)
         loss, norm = loss * weights, norm * weights
-    out = reduce_losses(loss, counted, norm, opts.reduction, opts.scale, opts.batch_axis_name)
+    out = reduce_losses(
+        loss, counted, norm, opts.reduction, opts.scale, opts.batch_axis_name, segments
+    )
     if not opts.return_aux:
         return out
     aux = {"logsumexp": lse, "z_loss": z_loss_term(lse, spec) / opts.scale}
@@ -173,8 +241,6 @@ def counted_rows(mask, ignored, batch_shape, spec: Spec):
         counted = counted & (class_sum(held, spec) > 0)
     return jnp.broadcast_to(counted, batch_shape)
 
-
-_INT32 = jnp.iinfo(jnp.int32)
 
 
 def integer_labels(labels, batch_shape, what: str, ignore_index: int | None):
@@ -284,7 +350,10 @@ OPTION_DOC = r"""
       reduction: ``"none"`` (per example), ``"sum"`` or ``"mean"``: the sum divided by the
         counted examples' total weight (their sample weights, times :math:`w_{y_n}` with class
         weights and integer labels); 0 when nothing counts (0 / 0), NaN when that weight is 0
-        but the sum is not (x / 0: class weights 0 on every label, with smoothing).
+        but the sum is not (x / 0: class weights 0 on every label, with smoothing);
+        ``"segment_mean"``: that mean within each segment (``segment_ids``), then the plain
+        mean over the segments whose counted weight is not 0 (T5X's per-sequence average of
+        packed sequences; NaN if a counted example's id is outside ``[0, num_segments)``).
       return_aux: also return a dict with per-example ``logsumexp``, the ``z_loss`` term (0 for
         an example without a possible class) and (integer labels) ``correct``: whether the
         label's logit is the largest (False for an impossible or out-of-range label).
@@ -293,6 +362,10 @@ OPTION_DOC = r"""
         statistics with ``pmax``/``psum`` and give the single-device numbers. ``shard_map``
         must keep ``check_vma=True``: without it the gradients would be wrong, and the losses
         raise.
-      batch_axis_name: the mesh axis over which the batch is split; ``"sum"`` and ``"mean"``
-        become global.
+      batch_axis_name: the mesh axis over which the batch is split; ``"sum"``, ``"mean"`` and
+        ``"segment_mean"`` become global.
+      segment_ids: with ``reduction="segment_mean"``, integers of the batch shape in
+        ``[0, num_segments)`` naming each example's segment (a sequence of a packed batch;
+        global across a sharded batch); ignored by the other reductions.
+      num_segments: with ``"segment_mean"``, the number of segment ids (a static int).
 """

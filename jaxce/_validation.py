@@ -138,9 +138,11 @@ def log_base(base: float | None) -> float:
     return math.log(base)
 
 
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+def check_reduction(reduction: str, segmented: bool = False) -> None:
+    """``reduction`` is one of :data:`REDUCTIONS` (or ``"segment_mean"`` where ``segmented``)."""
+    allowed = REDUCTIONS + ("segment_mean",) if segmented else REDUCTIONS
+    if reduction not in allowed:
+        raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
 
 
 def check_nonnegative_option(name: str, value: float, upper: float | None = None) -> float:

@@ -711,7 +711,7 @@ BAD = [
     (lambda: ce_int(Z, L, base=1), ValueError, r"!= 1, got 1"),
     (lambda: bce(Z, Y, base=1.0), ValueError, r"!= 1, got 1.0"),
     (lambda: jaxce.nll_loss(Z, L, base=0.0), ValueError, r"> 0 and != 1, got 0.0"),
-    (lambda: ce_soft(Z, Y, reduction="avg"), ValueError, r"reduction must be one of \('none', 'sum', 'mean'\), got 'avg'"),
+    (lambda: ce_soft(Z, Y, reduction="avg"), ValueError, r"reduction must be one of \('none', 'sum', 'mean', 'segment_mean'\), got 'avg'"),
     (lambda: ce_int(Z, L, reduction="Mean"), ValueError, r"got 'Mean'"),
     (lambda: bce(Z, Y, reduction=None), ValueError, r"reduction must be one of"),
     (lambda: jaxce.nll_loss(Z, L, reduction="batchmean"), ValueError, r"got 'batchmean'"),
