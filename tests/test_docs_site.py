@@ -19,6 +19,7 @@ PAGES = [
     "api/information",
     "api/losses",
     "api/linear",
+    "api/log_probs",
     "api/checked",
     "api/optax",
     "notebooks/derivations",
