@@ -19,6 +19,8 @@ if typing.TYPE_CHECKING:  # the same names, statically, for type checkers and th
     from ._information import softmax_entropy as softmax_entropy
     from ._information import softmax_kl_divergence as softmax_kl_divergence
     from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+    from ._linear_log_probs import linear_label_log_probs as linear_label_log_probs
+    from ._log_probs import label_log_probs as label_log_probs
     from ._cross_entropy import nll_loss as nll_loss
     from ._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
     from ._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
@@ -40,6 +42,8 @@ __all__ = [
     "entropy",
     "information",
     "kl_divergence",
+    "label_log_probs",
+    "linear_label_log_probs",
     "linear_softmax_cross_entropy",
     "log_softmax",
     "logsumexp",
@@ -68,6 +72,8 @@ _HOMES = {
     "softmax_kl_divergence": "_information",
     "linear_softmax_cross_entropy": "_linear",
     "softmax_divergence": "_divergence",
+    "label_log_probs": "_log_probs",
+    "linear_label_log_probs": "_linear_log_probs",
     "nll_loss": "_cross_entropy",
     "sigmoid_binary_cross_entropy": "_binary",
     "softmax_cross_entropy": "_cross_entropy",

@@ -20,6 +20,7 @@ overlaps the one before; the overlapped rows' per-example outputs are recomputed
 values) and their gradients are counted once: nothing is padded or copied, ``w`` least of all.
 """
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -344,7 +345,7 @@ def _sum_shards(grads, opts: Options):
 
 def tiled_grads(
     x, w, bias, labels, mask, class_weights, opts: Options, tile, stats, g_loss, g_lse, want,
-    gradient_filter=None,
+    gradient_filter=None, cotangents=None,
 ):
     """The gradients ``(dx, dw, dbias, dclass_weights)`` a tile of columns at a time.
 
@@ -360,8 +361,16 @@ def tiled_grads(
     ``dbias`` and ``dclass_weights`` columns are rewritten (the same sums), and the overlapped
     columns' ``w`` is zeroed in ``dx``'s product so that ``dx`` counts them once. A ragged
     last block of rows overlaps likewise, its already counted rows getting cotangent 0.
+
+    ``cotangents`` (None: the cross-entropy's, :func:`loss_cotangents`) computes a block's
+    ``(dz, dclass_weights)`` as ``cotangents(z, labels, mask, class_weights, stats, g_loss,
+    g_lse, columns)`` from its logits ``z`` on the column slice ``columns = (start, V)``, the
+    slices of ``mask`` and ``class_weights``, and the rows of ``stats`` (any pytree of
+    per-example arrays), ``g_loss`` and ``g_lse``: other row functionals reuse the sweep.
     """
     spec = opts.spec
+    if cotangents is None:
+        cotangents = functools.partial(loss_cotangents, spec)
     n, d = x.shape
     num_classes = w.shape[1]
     rows, cols = tile
@@ -385,17 +394,13 @@ def tiled_grads(
             dx, dwt, dbt, dcwt = acc
             xb = lax.dynamic_slice_in_dim(x, start, rows)
             yb = lax.dynamic_slice_in_dim(labels, start, rows)
-            norm, mass, count = jax.tree.map(
-                lambda r: lax.dynamic_slice_in_dim(r, start, rows), stats
-            )
+            block_stats = jax.tree.map(lambda r: lax.dynamic_slice_in_dim(r, start, rows), stats)
             fresh = lax.broadcasted_iota(jnp.int32, (rows,), 0) >= skip
             gb = lax.dynamic_slice_in_dim(g_loss, start, rows)
             glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, rows)
             gb, glb = jnp.where(fresh, gb, 0.0), jnp.where(fresh, glb, 0.0)
             z = _logits(xb, wt, bt, dtype)
-            dz, _, dcw_b = row_cotangents(
-                z, yb, mt, cwt, norm, mass, count, gb, glb, spec, columns=(col, num_classes)
-            )
+            dz, dcw_b = cotangents(z, yb, mt, cwt, block_stats, gb, glb, (col, num_classes))
             add_dw = lambda dwt, xb, dzl: dwt + lax.dot_general(
                 xb, dzl, (((0,), (0,)), ((), ())), preferred_element_type=dtype
             )
@@ -429,6 +434,16 @@ def tiled_grads(
     if n and num_classes:
         grads = _row_blocks(num_classes, cols, tile_body, grads)
     return _sum_shards(grads, opts)
+
+
+def loss_cotangents(spec, z, labels, mask, class_weights, stats, g_loss, g_lse, columns):
+    """The cross-entropy's ``(dz, dclass_weights)`` on a tile: ``row_cotangents`` given the
+    saved ``stats = (normalizer, target_mass, num_possible)`` (see :func:`tiled_grads`)."""
+    norm, mass, count = stats
+    dz, _, dcw = row_cotangents(
+        z, labels, mask, class_weights, norm, mass, count, g_loss, g_lse, spec, columns=columns
+    )
+    return dz, dcw
 
 
 def cast_grads(grads, x, w, bias, class_weights):

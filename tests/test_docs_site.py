@@ -20,6 +20,7 @@ PAGES = [
     "api/losses",
     "api/distillation",
     "api/linear",
+    "api/log_probs",
     "api/checked",
     "api/optax",
     "notebooks/derivations",
