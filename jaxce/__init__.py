@@ -9,8 +9,15 @@ import typing
 
 if typing.TYPE_CHECKING:  # the same names, statically, for type checkers and the docs
     from . import losses as losses  # optax.losses' names and signatures, over the kernels below
+    from ._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
     from ._checked import CheckError as CheckError
     from ._checked import checked as checked
+    from ._cross_entropy import nll_loss as nll_loss
+    from ._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
+    from ._cross_entropy import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
+    from ._cross_entropy import (
+        softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
+    )
     from ._divergence import softmax_divergence as softmax_divergence
     from ._information import cross_entropy as cross_entropy
     from ._information import entropy as entropy
@@ -21,13 +28,6 @@ if typing.TYPE_CHECKING:  # the same names, statically, for type checkers and th
     from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
     from ._linear_log_probs import linear_label_log_probs as linear_label_log_probs
     from ._log_probs import label_log_probs as label_log_probs
-    from ._cross_entropy import nll_loss as nll_loss
-    from ._binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
-    from ._cross_entropy import softmax_cross_entropy as softmax_cross_entropy
-    from ._cross_entropy import softmax_cross_entropy_hvp as softmax_cross_entropy_hvp
-    from ._cross_entropy import (
-        softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
-    )
     from ._softmax import log_softmax as log_softmax
     from ._softmax import logsumexp as logsumexp
     from ._softmax import softmax as softmax

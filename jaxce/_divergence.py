@@ -74,18 +74,29 @@ def divergence_spec(kind, beta, temperature, class_axis_name) -> DivergenceSpec:
     return DivergenceSpec(kind, beta, temperature, class_axis_name)
 
 
-def _log_softmax(z, mask, spec: DivergenceSpec):
-    """``log softmax(z / tau)`` over the classes of all shards; -inf for impossible classes
-    (masked, or a -inf logit), and for every class of a row that has none possible."""
-    z = z.astype(compute_dtype(z.dtype)) / spec.temperature
-    if mask is not None:
-        z = jnp.where(mask, z, -jnp.inf)
+def normalizer(z, mask, spec: DivergenceSpec):
+    """``(c, log s)`` of ``z / tau`` over the classes of all shards: the row maximum c (0 for a
+    row without a possible class) and :math:`\\log s = \\log \\sum_k e^{z_k / \\tau - c}`."""
+    z = tempered(z, mask, spec)
     top = class_max(jnp.max(z, axis=-1), spec)
-    shifted = z - jnp.where(jnp.isfinite(top), top, 0.0)[..., None]
-    log_sum = jnp.log(class_sum(jnp.sum(jnp.exp(shifted), axis=-1), spec))[..., None]
+    shift = jnp.where(jnp.isfinite(top), top, 0.0)
+    log_sum = jnp.log(class_sum(jnp.sum(jnp.exp(z - shift[..., None]), axis=-1), spec))
+    return shift, log_sum
+
+
+def tempered(z, mask, spec: DivergenceSpec):
+    """``z / tau`` in the compute dtype, -inf where masked."""
+    z = z.astype(compute_dtype(z.dtype)) / spec.temperature
+    return z if mask is None else jnp.where(mask, z, -jnp.inf)
+
+
+def log_softmax(z, mask, shift, log_sum, spec: DivergenceSpec):
+    """``log softmax(z / tau)`` given the row's normaliser (of all its classes, so ``z`` may be
+    a slice of them); -inf for impossible classes and for every class of an empty row."""
+    z = tempered(z, mask, spec)
     # (z - c) - log s, not z - (c + log s): for logits near 1e4 the sum c + log s would round
     # away most of log s, and with it the probabilities' precision.
-    return jnp.where(z > -jnp.inf, shifted - log_sum, -jnp.inf)
+    return jnp.where(z > -jnp.inf, (z - shift[..., None]) - log_sum[..., None], -jnp.inf)
 
 
 def _log_mixture(log_ps, log_pt, beta):
@@ -97,68 +108,101 @@ def _row_sum(x, spec: DivergenceSpec):
     return class_sum(jnp.sum(x, axis=-1), spec)
 
 
-def _divergence(log_ps, log_pt, spec: DivergenceSpec):
-    """Each row's divergence from the two log-softmaxes: a term whose weight p is 0 is 0
-    (``xdiff``), a weight p > 0 against log-probability -inf is +inf."""
+def terms(log_ps, log_pt, spec: DivergenceSpec):
+    """``(student terms, teacher terms)`` [..., K] whose sum over the classes is the divergence
+    (None for a side without any): :math:`p_t (\\log p_t - \\log p_s)` (forward KL),
+    :math:`p_s (\\log p_s - \\log p_t)` (reverse KL), :math:`(1 - \\beta) p_s (\\log p_s -
+    \\log m)` and :math:`\\beta p_t (\\log p_t - \\log m)` (JSD). A term whose weight p is 0 is
+    0 (``xdiff``); a weight p > 0 against log-probability -inf is +inf."""
     ps, pt = jnp.exp(log_ps), jnp.exp(log_pt)
     if spec.kind == "forward_kl":
-        return _row_sum(xdiff(pt, log_pt, log_ps), spec)
+        return None, xdiff(pt, log_pt, log_ps)
     if spec.kind == "reverse_kl":
-        return _row_sum(xdiff(ps, log_ps, log_pt), spec)
+        return xdiff(ps, log_ps, log_pt), None
     log_m = _log_mixture(log_ps, log_pt, spec.beta)
-    teacher_part = _row_sum(xdiff(pt, log_pt, log_m), spec)
-    student_part = _row_sum(xdiff(ps, log_ps, log_m), spec)
-    return spec.beta * teacher_part + (1.0 - spec.beta) * student_part
+    return (1.0 - spec.beta) * xdiff(ps, log_ps, log_m), spec.beta * xdiff(pt, log_pt, log_m)
 
 
-def _softmax_pullback(p, p_times_a, spec: DivergenceSpec):
-    """:math:`p \\odot (a - \\langle p, a \\rangle)` given :math:`p \\odot a` (0 where p = 0)."""
-    return p_times_a - p * _row_sum(p_times_a, spec)[..., None]
+class RowSums(NamedTuple):
+    """Per-example sums over all classes that the closed-form gradients need."""
+
+    value: jax.Array  # the divergence F
+    student_terms: jax.Array  # the sum of the student's terms (0 without)
+    teacher_terms: jax.Array
+    student_mass: jax.Array  # sum_k p_s: 1, or 0 for a row without a possible class
+    teacher_mass: jax.Array
 
 
-def _cotangents(log_ps, log_pt, value, spec: DivergenceSpec):
-    """``(tau dF/dz_s, tau dF/dz_t)`` per row, in closed form (see the module's table).
+def row_sums(log_ps, log_pt, spec: DivergenceSpec) -> RowSums:
+    student, teacher = terms(log_ps, log_pt, spec)
+    student_sum, teacher_sum = (
+        jnp.zeros(log_ps.shape[:-1], log_ps.dtype) if x is None else _row_sum(x, spec)
+        for x in (student, teacher)
+    )
+    return RowSums(
+        student_sum + teacher_sum, student_sum, teacher_sum,
+        _row_sum(jnp.exp(log_ps), spec), _row_sum(jnp.exp(log_pt), spec),
+    )
 
-    Where the value is +inf (the forward KL with teacher mass on a class the student cannot
-    reach, or the reverse KL the other way round), the gradient of the side whose
-    log-probabilities enter as :math:`-\\log` is undefined: NaN on that row.
-    """
-    ps, pt = jnp.exp(log_ps), jnp.exp(log_pt)
-    undefined = jnp.where(jnp.isfinite(value), 0.0, jnp.nan)[..., None]
+
+def _pullback(p, p_times_a, p_dot_a):
+    """:math:`p \\odot (a - \\langle p, a \\rangle)` given :math:`p \\odot a` (0 where p = 0)
+    and the row sum :math:`\\langle p, a \\rangle`: the softmax's Jacobian applied to a."""
+    return p_times_a - p * p_dot_a[..., None]
+
+
+def student_cotangent(log_ps, log_pt, sums: RowSums, spec: DivergenceSpec):
+    """:math:`\\tau\\, \\partial F / \\partial z_s` (see the module's list); ``log_ps`` and
+    ``log_pt`` may be a slice of the classes, ``sums`` are over all of them. NaN on a row
+    whose reverse KL is +inf (its value's derivative is not defined there)."""
+    ps = jnp.exp(log_ps)
     if spec.kind == "forward_kl":
-        student = ps * _row_sum(pt, spec)[..., None] - pt
-        teacher = xdiff(pt, log_pt, log_ps) - pt * value[..., None] + undefined
-        return student, teacher
+        return ps * sums.teacher_mass[..., None] - jnp.exp(log_pt)
+    student, _ = terms(log_ps, log_pt, spec)
+    undefined = jnp.where(jnp.isfinite(sums.value), 0.0, jnp.nan)[..., None]
+    return _pullback(ps, student, sums.student_terms) + undefined
+
+
+def teacher_cotangent(log_ps, log_pt, sums: RowSums, spec: DivergenceSpec):
+    """:math:`\\tau\\, \\partial F / \\partial z_t`, as :func:`student_cotangent` with the roles
+    exchanged (NaN on a row whose forward KL is +inf)."""
+    pt = jnp.exp(log_pt)
     if spec.kind == "reverse_kl":
-        student = xdiff(ps, log_ps, log_pt) - ps * value[..., None] + undefined
-        teacher = pt * _row_sum(ps, spec)[..., None] - ps
-        return student, teacher
-    log_m = _log_mixture(log_ps, log_pt, spec.beta)
-    student = (1.0 - spec.beta) * _softmax_pullback(ps, xdiff(ps, log_ps, log_m), spec)
-    teacher = spec.beta * _softmax_pullback(pt, xdiff(pt, log_pt, log_m), spec)
-    return student, teacher
+        return pt * sums.student_mass[..., None] - jnp.exp(log_ps)
+    _, teacher = terms(log_ps, log_pt, spec)
+    undefined = jnp.where(jnp.isfinite(sums.value), 0.0, jnp.nan)[..., None]
+    return _pullback(pt, teacher, sums.teacher_terms) + undefined
+
+
+def pulled(cotangent, g, dtype, spec: DivergenceSpec):
+    """``g / tau`` times a row's cotangent, in ``dtype``; a row whose ``g`` is 0 (uncounted,
+    or not used) contributes 0, even where its gradient is undefined (NaN)."""
+    scale = (g / spec.temperature)[..., None]
+    return jnp.where(scale != 0, scale * cotangent, 0.0).astype(dtype)
+
+
+def _both_log_softmaxes(student, teacher, mask, spec):
+    return tuple(log_softmax(z, mask, *normalizer(z, mask, spec), spec) for z in (student, teacher))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def divergence_rows(student, teacher, mask, spec: DivergenceSpec):
     """Each row's divergence of softmaxes of the logits ``student`` and ``teacher`` [..., K]."""
-    return _divergence(_log_softmax(student, mask, spec), _log_softmax(teacher, mask, spec), spec)
+    return row_sums(*_both_log_softmaxes(student, teacher, mask, spec), spec).value
 
 
 def _divergence_rows_fwd(student, teacher, mask, spec):
     value = divergence_rows(student, teacher, mask, spec)
-    return value, (student, teacher, mask, value)  # the inputs and O(N): no [N, K] residual
+    return value, (student, teacher, mask)  # the inputs only: no [N, K] residual
 
 
 def _divergence_rows_bwd(spec, residuals, g):
-    student, teacher, mask, value = residuals
-    log_ps, log_pt = _log_softmax(student, mask, spec), _log_softmax(teacher, mask, spec)
-    d_student, d_teacher = _cotangents(log_ps, log_pt, value, spec)
-    scale = (g / spec.temperature)[..., None]
-    # A row whose cotangent is 0 (uncounted, or not used) contributes 0, even where its
-    # gradient is undefined (NaN).
-    pull = lambda d, x: jnp.where(scale != 0, scale * d, 0.0).astype(x.dtype)
-    return pull(d_student, student), pull(d_teacher, teacher), None
+    student, teacher, mask = residuals
+    log_ps, log_pt = _both_log_softmaxes(student, teacher, mask, spec)
+    sums = row_sums(log_ps, log_pt, spec)
+    d_student = pulled(student_cotangent(log_ps, log_pt, sums, spec), g, student.dtype, spec)
+    d_teacher = pulled(teacher_cotangent(log_ps, log_pt, sums, spec), g, teacher.dtype, spec)
+    return d_student, d_teacher, None
 
 
 divergence_rows.defvjp(_divergence_rows_fwd, _divergence_rows_bwd)

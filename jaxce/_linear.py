@@ -29,10 +29,9 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from ._checked import check_finite, check_labels
+from ._checked import check_labels
 from ._options import (
     check_segments,
-    check_varying,
     check_weights,
     counted_rows,
     finish,
@@ -43,11 +42,12 @@ from ._sweeps import (
     cast_grads,
     default_block_size,
     fuses_gradients,
+    linear_inputs,
     sweep_rows,
     tile_shape,
     tiled_grads,
 )
-from ._validation import check_floating, check_shape, compute_dtype, static_int, static_number
+from ._validation import compute_dtype, static_number
 
 # ----------------------------------------------------------------------------------------------
 # reduction="none" (and the general case): per-example outputs, blocks recomputed backward.
@@ -300,44 +300,16 @@ def linear_softmax_cross_entropy(
         segmented=True,
         num_segments=num_segments,
     )
-    x, w = jnp.asarray(x), jnp.asarray(w)
-    check_floating("x", x)
-    check_floating("w", w)
-    dtype = jnp.result_type(x.dtype, w.dtype)  # a no-op in the usual case of equal dtypes
-    x, w = x.astype(dtype), w.astype(dtype)
-    if x.ndim < 1:
-        raise ValueError(f"x must have shape [..., D], got shape {x.shape}")
-    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"w shape {w.shape} does not match x shape {x.shape}: expected [D, V], D={x.shape[-1]}"
-        )
+    x, w, bias, mask, block_size = linear_inputs(x, w, bias, where, block_size, opts)
     num_classes = w.shape[1]
     batch_shape = x.shape[:-1]
     ids, ignored = integer_labels(labels, batch_shape, "x's batch shape", opts.ignore_index)
-    check_varying(opts, ("w", w), ("x", x))
-    if bias is not None:
-        bias = jnp.asarray(bias)
-        check_floating("bias", bias)
-        check_shape("bias", bias, (num_classes,), "w's classes")
-    mask = None
-    if where is not None:
-        mask = jnp.asarray(where)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
-        check_shape("where", mask, (num_classes,), "w's classes")
-    block_size = static_int("block_size", block_size, optional=True)
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
     filt = static_number("gradient_filter", gradient_filter, optional=True)
     if filt is not None and not 0 <= filt < float("inf"):
         raise ValueError(f"gradient_filter must be a finite float >= 0 or None, got {filt!r}")
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, num_classes, batch_shape
     )
-    check_finite("x", x, allow_neg_inf=False, batch_axis_name=batch_axis_name)
-    check_finite("w", w, allow_neg_inf=False, class_axis_name=class_axis_name)
-    if bias is not None:  # a -inf bias, like a -inf logit, makes a class impossible: valid
-        check_finite("bias", bias, class_axis_name=class_axis_name)
     check_labels(
         labels, num_classes, ignore_index=opts.ignore_index, class_axis_name=class_axis_name,
         batch_axis_name=batch_axis_name,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checked import check_finite, check_labels
+from ._checked import check_labels
 from ._log_probs import (
     LogProbSpec,
     class_sums,
@@ -28,17 +28,18 @@ from ._log_probs import (
     label_log_prob,
     make_log_prob_spec,
 )
-from ._options import Options, check_varying, counted_rows, integer_labels
+from ._options import Options, counted_rows, integer_labels
 from ._row_sums import in_row_blocks
 from ._sweeps import (
     _logits,
-    _row_blocks,
     cast_grads,
     default_block_size,
+    linear_inputs,
+    row_block_outputs,
     tile_shape,
     tiled_grads,
 )
-from ._validation import check_floating, check_shape, compute_dtype, static_int
+from ._validation import compute_dtype
 
 
 def _sweep(x, w, bias, labels, mask, ls: LogProbSpec, block: int):
@@ -47,7 +48,7 @@ def _sweep(x, w, bias, labels, mask, ls: LogProbSpec, block: int):
     dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
     size = min(block, n)
 
-    def body(start, skip, rows):  # an overlapped last block rewrites the same values
+    def block_fn(start):
         xb = lax.dynamic_slice_in_dim(x, start, size)
         yb = lax.dynamic_slice_in_dim(labels, start, size)
         z = _logits(xb, w, bias, dtype)
@@ -56,11 +57,9 @@ def _sweep(x, w, bias, labels, mask, ls: LogProbSpec, block: int):
         # smaller blocks of rows (see in_row_blocks) that scratch is a fraction of the block's.
         sums = lambda z: class_sums(z, mask, ls)
         shift, log_sum, entropy = in_row_blocks(sums, z, blocked=ls.entropy)
-        new = (label_log_prob(capped_y, found, shift, log_sum, ls), entropy, shift, log_sum)
-        return tuple(lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, new))
+        return label_log_prob(capped_y, found, shift, log_sum, ls), entropy, shift, log_sum
 
-    rows = tuple(jnp.zeros((n,), dtype) for _ in range(4))
-    return _row_blocks(n, size, body, rows) if n else rows
+    return row_block_outputs(n, size, block_fn, 4, dtype)
 
 
 def _tile_cotangents(ls, z, labels, mask, class_weights, stats, g_log_prob, g_entropy, columns):
@@ -173,40 +172,12 @@ def linear_label_log_probs(
         temperature, logit_softcap, return_entropy, ignore_index, class_axis_name,
         batch_axis_name,
     )
-    x, w = jnp.asarray(x), jnp.asarray(w)
-    check_floating("x", x)
-    check_floating("w", w)
-    dtype = jnp.result_type(x.dtype, w.dtype)  # a no-op in the usual case of equal dtypes
-    x, w = x.astype(dtype), w.astype(dtype)
-    if x.ndim < 1:
-        raise ValueError(f"x must have shape [..., D], got shape {x.shape}")
-    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"w shape {w.shape} does not match x shape {x.shape}: expected [D, V], D={x.shape[-1]}"
-        )
+    x, w, bias, mask, block_size = linear_inputs(x, w, bias, where, block_size, opts)
     num_classes = w.shape[1]
     if not num_classes:
         raise ValueError(f"w has no classes: shape {w.shape}")
     batch_shape = x.shape[:-1]
     ids, ignored = integer_labels(labels, batch_shape, "x's batch shape", opts.ignore_index)
-    check_varying(opts, ("w", w), ("x", x))
-    if bias is not None:
-        bias = jnp.asarray(bias)
-        check_floating("bias", bias)
-        check_shape("bias", bias, (num_classes,), "w's classes")
-    mask = None
-    if where is not None:
-        mask = jnp.asarray(where)
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
-        check_shape("where", mask, (num_classes,), "w's classes")
-    block_size = static_int("block_size", block_size, optional=True)
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
-    check_finite("x", x, allow_neg_inf=False, batch_axis_name=batch_axis_name)
-    check_finite("w", w, allow_neg_inf=False, class_axis_name=class_axis_name)
-    if bias is not None:
-        check_finite("bias", bias, class_axis_name=class_axis_name)
     check_labels(
         labels, num_classes, ignore_index=opts.ignore_index, class_axis_name=class_axis_name,
         batch_axis_name=batch_axis_name,

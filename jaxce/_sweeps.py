@@ -26,12 +26,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._options import (
-    Options,
-)
+from ._checked import check_finite
+from ._options import Options, check_varying
 from ._rows import Normalizer, row_cotangents, row_stats
 from ._spec import vary_over, varying_axes
-from ._validation import compute_dtype
+from ._validation import check_floating, check_shape, compute_dtype, static_int
 
 BLOCK_BYTES = 32 * 2**20
 """The default ``block_size`` aims at about this many bytes of float32 ``block_size x V``
@@ -183,6 +182,56 @@ def _row_blocks(total, size, fn, carry):
         return fn(start, i * size - start, carry)
 
     return lax.fori_loop(0, count, step, _varying_like(lambda c: fn(0, 0, c), carry))
+
+
+def linear_inputs(x, w, bias, where, block_size, opts: Options):
+    """Validate the inputs every fused ``x @ w + bias`` function shares; return ``(x, w, bias,
+    mask, block_size)``: ``x`` [..., D] and ``w`` [D, V] in their common dtype, ``bias`` [V],
+    the boolean class mask ``where`` [V] (or None), and ``block_size`` a static int or None."""
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    check_floating("x", x)
+    check_floating("w", w)
+    dtype = jnp.result_type(x.dtype, w.dtype)  # a no-op in the usual case of equal dtypes
+    x, w = x.astype(dtype), w.astype(dtype)
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape [..., D], got shape {x.shape}")
+    if w.ndim != 2 or w.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"w shape {w.shape} does not match x shape {x.shape}: expected [D, V], D={x.shape[-1]}"
+        )
+    num_classes = w.shape[1]
+    check_varying(opts, ("w", w), ("x", x))
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        check_floating("bias", bias)
+        check_shape("bias", bias, (num_classes,), "w's classes")
+    mask = None
+    if where is not None:
+        mask = jnp.asarray(where)
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
+        check_shape("where", mask, (num_classes,), "w's classes")
+    block_size = static_int("block_size", block_size, optional=True)
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    check_finite("x", x, allow_neg_inf=False, batch_axis_name=opts.batch_axis_name)
+    check_finite("w", w, allow_neg_inf=False, class_axis_name=opts.spec.class_axis_name)
+    if bias is not None:  # a -inf bias, like a -inf logit, makes a class impossible: valid
+        check_finite("bias", bias, class_axis_name=opts.spec.class_axis_name)
+    return x, w, bias, mask, block_size
+
+
+def row_block_outputs(n: int, size: int, block_fn, count: int, dtype):
+    """``count`` per-example outputs [n] of ``block_fn(start) -> count arrays [size]`` (the
+    rows ``[start, start + size)``), over blocks of rows (:func:`_row_blocks`; an overlapped
+    last block rewrites the same values)."""
+
+    def body(start, skip, rows):
+        new = block_fn(start)
+        return tuple(lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, new))
+
+    rows = tuple(jnp.zeros((n,), dtype) for _ in range(count))
+    return _row_blocks(n, size, body, rows) if n else rows
 
 
 def _varying_like(fn, carry):
