@@ -26,6 +26,7 @@ if typing.TYPE_CHECKING:  # the same names, statically, for type checkers and th
     from ._information import softmax_entropy as softmax_entropy
     from ._information import softmax_kl_divergence as softmax_kl_divergence
     from ._linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
+    from ._linear_divergence import linear_softmax_divergence as linear_softmax_divergence
     from ._linear_log_probs import linear_label_log_probs as linear_label_log_probs
     from ._log_probs import label_log_probs as label_log_probs
     from ._softmax import log_softmax as log_softmax
@@ -45,6 +46,7 @@ __all__ = [
     "label_log_probs",
     "linear_label_log_probs",
     "linear_softmax_cross_entropy",
+    "linear_softmax_divergence",
     "log_softmax",
     "logsumexp",
     "losses",
@@ -71,6 +73,7 @@ _HOMES = {
     "softmax_entropy": "_information",
     "softmax_kl_divergence": "_information",
     "linear_softmax_cross_entropy": "_linear",
+    "linear_softmax_divergence": "_linear_divergence",
     "softmax_divergence": "_divergence",
     "label_log_probs": "_log_probs",
     "linear_label_log_probs": "_linear_log_probs",
