@@ -64,3 +64,35 @@ def machine():
         f"cpu: {model}, {cores} cores available; vector extensions: {listed}\n"
         f"devices: {jax.device_count()} x {device.device_kind} ({device.platform})"
     )
+
+
+def rel_err(got, want) -> float:
+    """The largest ``|got - want|`` relative to the largest ``|want|``."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def compare_steps(ours, naive, shapes, inputs, repeats, warmup):
+    """Side by side: two jitted steps returning ``(value, grads)``, on the same inputs.
+
+    Returns a dict: ``temp_a``/``temp_b`` (``temp_size_in_bytes`` of the compiled steps,
+    compiled for ``shapes``), ``ms_a``/``ms_b`` (median times), ``ratio`` (median of the
+    per-pair ratios a/b, the calls alternated by :func:`paired_times`) with its 10-90%
+    ``spread``, and ``errors``: :func:`rel_err` of the value and of each gradient (the first,
+    untimed, calls' results).
+    """
+    temp = lambda f: f.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+    fa, fb = (lambda: ours(*inputs)), (lambda: naive(*inputs))
+    (value_a, grads_a), (value_b, grads_b) = jax.block_until_ready((fa(), fb()))
+    ta, tb = paired_times(fa, fb, repeats, max(warmup - 1, 0))
+    ratios = np.asarray(ta) / np.asarray(tb)
+    return {
+        "temp_a": temp(ours),
+        "temp_b": temp(naive),
+        "ms_a": 1e3 * float(np.median(ta)),
+        "ms_b": 1e3 * float(np.median(tb)),
+        "ratio": float(np.median(ratios)),
+        "spread": tuple(np.percentile(ratios, [10, 90])),
+        "errors": [rel_err(value_a, value_b)]
+        + [rel_err(a, b) for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b))],
+    }

@@ -32,16 +32,14 @@ Usage::
 
 import argparse
 import os
-import platform
 import shlex
-import statistics
 import sys
 
 import jax
 import jax.numpy as jnp
 import jaxlib.version
 import numpy as np
-from _timing import paired_times  # benchmarks/_timing.py (the script's folder)
+from _timing import compare_steps, machine  # benchmarks/_timing.py (the script's folder)
 
 import jaxce
 
@@ -93,42 +91,20 @@ def make_inputs(n, d, v, seed=0):
     return x, w, y, a
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
-
-
 def measure(n, d, v, args):
     """``(line, ratio, jaxce temp bytes, naive temp bytes)`` of one vocabulary size."""
-    ours_step, naive_step = step(fused(args.block_size)), step(naive)
-    mem_a = ours_step.lower(*shapes(n, d, v)).compile().memory_analysis().temp_size_in_bytes
-    mem_b = naive_step.lower(*shapes(n, d, v)).compile().memory_analysis().temp_size_in_bytes
-    x, w, y, a = make_inputs(n, d, v)
-    fa, fb = (lambda: ours_step(x, w, y, a)), (lambda: naive_step(x, w, y, a))
-    # The first call of each is a warm-up whose results are compared.
-    (obj_a, (dx_a, dw_a)), (obj_b, (dx_b, dw_b)) = jax.block_until_ready((fa(), fb()))
-    ta, tb = paired_times(fa, fb, args.repeats, max(args.warmup - 1, 0))
-    ratios = ta / tb
-    lo, hi = np.percentile(ratios, [10, 90])
-    ratio = float(np.median(ratios))
-    line = (
-        f"{v:>7}{1e3 * statistics.median(ta):>10.1f}{1e3 * statistics.median(tb):>10.1f}"
-        f"{ratio:>7.2f}{f'{lo:.2f}-{hi:.2f}':>12}{mem_a / MIB:>11.1f}{mem_b / MIB:>11.1f}"
-        f"{mem_b / mem_a:>13.1f}{rel_err(obj_a, obj_b):>9.1e}{rel_err(dx_a, dx_b):>9.1e}"
-        f"{rel_err(dw_a, dw_b):>9.1e}"
+    r = compare_steps(
+        step(fused(args.block_size)), step(naive), shapes(n, d, v), make_inputs(n, d, v),
+        args.repeats, args.warmup,
     )
-    return line, ratio, mem_a, mem_b
+    lo, hi = r["spread"]
+    obj, dx, dw = r["errors"]
+    line = (
+        f"{v:>7}{r['ms_a']:>10.1f}{r['ms_b']:>10.1f}{r['ratio']:>7.2f}{f'{lo:.2f}-{hi:.2f}':>12}"
+        f"{r['temp_a'] / MIB:>11.1f}{r['temp_b'] / MIB:>11.1f}{r['temp_b'] / r['temp_a']:>13.1f}"
+        f"{obj:>9.1e}{dx:>9.1e}{dw:>9.1e}"
+    )
+    return line, r["ratio"], r["temp_a"], r["temp_b"]
 
 
 def run(args):
@@ -184,8 +160,7 @@ def main(argv=None):
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"jax {jax.__version__}, jaxlib {jaxlib.version.__version__}, jaxce {jaxce.__version__}; "
-        f"backend {jax.default_backend()} ({jax.device_count()} x {jax.devices()[0].device_kind})"
-        f"\nCPU: {cpu_model()}, {os.cpu_count()} logical cores; load average {load} at the start "
+        f"backend {jax.default_backend()}\n{machine()}\nload average {load} at the start "
         "(a shared machine: absolute times are noisy, the paired ratios less so)\n"
     )
     lines = run(args)
