@@ -25,6 +25,9 @@ if typing.TYPE_CHECKING:  # the same names, statically, for type checkers and th
     from ._cross_entropy import (
         softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
     )
+    from ._cross_entropy import (
+        softmax_cross_entropy_with_sparse_labels as softmax_cross_entropy_with_sparse_labels,
+    )
     from ._softmax import log_softmax as log_softmax
     from ._softmax import logsumexp as logsumexp
     from ._softmax import softmax as softmax
@@ -49,6 +52,7 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_hvp",
     "softmax_cross_entropy_with_integer_labels",
+    "softmax_cross_entropy_with_sparse_labels",
     "softmax_entropy",
     "softmax_jacobian",
     "softmax_kl_divergence",
@@ -70,6 +74,7 @@ _HOMES = {
     "softmax_cross_entropy": "_cross_entropy",
     "softmax_cross_entropy_hvp": "_cross_entropy",
     "softmax_cross_entropy_with_integer_labels": "_cross_entropy",
+    "softmax_cross_entropy_with_sparse_labels": "_cross_entropy",
     "log_softmax": "_softmax",
     "logsumexp": "_softmax",
     "softmax": "_softmax",
