@@ -303,7 +303,7 @@ def check_sparse_labels(
         "hold any index)"
     )
     _report(bad, at, message, indices, _shards(indices.ndim, (), None, batch_axis_name))
-    check_finite(names[1], weights, (), allow_neg_inf=False, batch_axis_name=batch_axis_name)
+    check_finite(names[1], weights, -1, allow_neg_inf=False, batch_axis_name=batch_axis_name)
 
 
 def check_finite(
