@@ -42,7 +42,7 @@ from ._options import (
     sparse_labels,
 )
 from ._rows import entry_weight_cotangents, local_entries, sparse_outside
-from ._spec import SparseLabels, class_shards, sum_like
+from ._spec import SparseLabels, aval_varying_axes, class_shards, sum_like, vary_over
 from ._sweeps import (
     cast_grads,
     default_block_size,
@@ -206,7 +206,10 @@ def _reduced_bwd(opts, block, tile, gradient_filter, residuals, cotangents):
     g_aux = {k: v for k, v in g_aux.items() if k != "correct"}
 
     def instantiate(g, like):
-        return jnp.zeros(like.shape, like.dtype) if isinstance(g, SymbolicZero) else g
+        if not isinstance(g, SymbolicZero):
+            return g
+        # Inside shard_map, zeros that vary as the output does (the aux vary over the batch).
+        return vary_over(jnp.zeros(like.shape, like.dtype), aval_varying_axes(g.aval))
 
     aux_is_zero = all(isinstance(g, SymbolicZero) for g in g_aux.values())
     g_out = instantiate(g_out, g_out)

@@ -69,7 +69,11 @@ def class_ids(num_local: int, spec: Spec, columns=None) -> jax.Array:
 
 def varying_axes(x) -> frozenset:
     """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
-    aval = jax.typeof(x)
+    return aval_varying_axes(jax.typeof(x))
+
+
+def aval_varying_axes(aval) -> frozenset:
+    """:func:`varying_axes` of an abstract value (a symbolic zero cotangent's ``aval``)."""
     mat = getattr(aval, "mat", None)  # jax >= 0.9 names it aval.mat.varying, earlier aval.vma
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
