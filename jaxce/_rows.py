@@ -390,13 +390,14 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
 
 def row_cotangents(
     z, labels, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec: Spec,
-    *, columns=None,
+    *, columns=None, dtype=None,
 ):
     r"""Backward pass: ``(dz, dlabels, dclass_weights)`` from the closed form.
 
     Every class's cotangent needs only its own logit and the row's saved statistics, so ``z``
     may hold a slice of the (local) classes: ``columns = (start, total)`` says it holds
     ``[start, start + K)`` of ``total`` (``mask`` and ``class_weights`` are then sliced alike).
+    ``dz`` comes in ``dtype`` (by default ``z``'s, the compute dtype).
 
     .. math:: dz_k = p_k \big(g (T + 2 \lambda_z \ell) + g_\ell\big) - g\, t_k,
 
@@ -406,7 +407,7 @@ def row_cotangents(
     None with ``columns``, where the entries' classes may lie in other slices).
     ``dclass_weights`` is :math:`-\sum_n g\, u \log p`, summed over the rows of this block.
     The target t of integer labels comes from comparing an iota with the labels: no one-hot;
-    sparse labels' k entries are scatter-added into ``dz``, in place.
+    sparse labels' k entries are written into ``dz`` by a scatter, in place.
     """
     possible = possible_classes(z, mask)
     capped = masked_fill(softcap(z, spec), possible)
@@ -422,14 +423,17 @@ def row_cotangents(
     if spec.sparse_labels:
         bad = sparse_outside(labels, num_classes)  # NaN, as the loss
         coef = jnp.where(bad, jnp.nan, coef)
+
+    def cotangent(log_p, t, capped, possible):
+        """dz from log p and the targets t (None: 0) of some classes: all, or the entries'."""
         dz = jnp.exp(log_p) * coef[..., None]
-        if t is not None:  # label smoothing's share
+        if t is not None:
             dz = dz - g_loss[..., None] * t
-    else:
-        dz = jnp.exp(log_p) * coef[..., None] - g_loss[..., None] * t
-    if spec.logit_softcap is not None:
-        dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
-    dz = masked_fill(dz, possible, 0.0)
+        if spec.logit_softcap is not None:
+            dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
+        return masked_fill(dz, possible, 0.0)
+
+    dz = cotangent(log_p, t, capped, possible)
     g = g_loss[..., None]
     # -g * a * log p: exactly 0 where g * a = 0 (uncounted rows, zero targets), +inf where a
     # target meets an impossible class.
@@ -442,11 +446,12 @@ def row_cotangents(
     dweights = None
     if class_weights is not None and u is not None:
         dweights = jnp.sum(neg_log_p(u), axis=tuple(range(z.ndim - 1)))
-    if spec.sparse_labels:
+    if spec.sparse_labels:  # (their entries are written in the final dtype)
         dz, dlabels, dweights = _entry_cotangents(
-            dz, dweights, z, labels, mask, class_weights, normalizer, g_loss, bad, spec, columns
+            dz if dtype is None else dz.astype(dtype), dweights, cotangent, z, labels, mask, class_weights, normalizer, num_possible,
+            g_loss, bad, spec, columns,
         )
-    return dz, dlabels, dweights
+    return (dz if dtype is None else dz.astype(dtype)), dlabels, dweights
 
 
 def sparse_outside(labels: SparseLabels, num_classes: int) -> jax.Array:
@@ -487,44 +492,68 @@ def entry_weight_cotangents(raw, part, weight, normalizer, g_loss, bad, spec: Sp
     return jnp.where((bad & (normalizer.log_sum > -jnp.inf))[..., None], jnp.nan, entry)
 
 
-def _entry_cotangents(dz, dweights, z, labels: SparseLabels, mask, class_weights, normalizer,
-                      g_loss, bad, spec: Spec, columns):
+def _sum_duplicates(indices, a):
+    """``sum_{j'} a_{j'} [i_{j'} = i_j]`` for each entry j of [..., k]: a loop over the k entries
+    (a [..., k, k] comparison would be written out whole)."""
+    def add(j, total):
+        pick = lambda x: lax.dynamic_index_in_dim(x, j, axis=-1, keepdims=True)
+        return total + jnp.where(indices == pick(indices), pick(a), 0.0)
+
+    if not indices.shape[-1]:
+        return a
+    return lax.fori_loop(0, indices.shape[-1], add, 0.0 * a)
+
+
+def _entry_cotangents(dz, dweights, cotangent, z, labels: SparseLabels, mask, class_weights,
+                      normalizer, num_possible, g_loss, bad, spec: Spec, columns):
     r"""Sparse labels' share of the cotangents: their k entries, in O(N k).
 
-    With :math:`b_j = (1 - \varepsilon) w_{i_j} a_j` (a_j the entry's weight where it takes
-    part, see :func:`_entry_logits`): :math:`dz_{i_j} \mathrel{-}= g\, b_j` (times the
-    softcap's derivative), scatter-added into ``dz`` in place (duplicates add up; an entry on an
-    impossible class adds 0, as ``dz`` is 0 there); ``dweights`` (class weights) gains
+    ``dz`` holds :func:`row_cotangents`' closed form without the entries' targets. At each
+    entry's class the closed form is recomputed with its full target, ``cotangent(log p_c,
+    t_c, ...)`` with :math:`t_c = w_c ((1 - \varepsilon) \sum_{j: i_j = c} a_j + \varepsilon /
+    K_m)` (a_j the entry's weight where it takes part, see :func:`_entry_logits`; duplicates add
+    up, by a k x k comparison per row), and written over ``dz`` there by a scatter, in place,
+    in ``dz``'s own dtype: no [N, K] target and, for bfloat16 logits, no float32 [N, K] ``dz``
+    to round afterwards. ``dweights`` (class weights) gains
     :math:`-g (1 - \varepsilon) a_j \log p_{i_j}` at class :math:`i_j`; and the entries'
     weights get :func:`entry_weight_cotangents` (not with ``columns``).
 
     Each slice of classes (a shard, or the fused loss's tile of ``columns = (start, total)``)
-    gathers the entries it holds from its own logits: ``dz`` is [..., K_local] and no [N, K]
-    target is built. The scatter measured 50x faster than summing k iota comparisons at
-    N=4096, V=32768, k=32 on XLA:CPU (0.5 s against 25 s, which also wrote [N, V] temporaries).
+    writes the entries it holds, from its own logits. A scatter measured 50x faster than
+    summing k iota comparisons into the dense pass at N=4096, V=32768, k=32 on XLA:CPU
+    (0.5 s against 25 s, which also wrote [N, V] temporaries).
     """
     num_local = z.shape[-1]
     index, part = local_entries(labels.indices, num_local, spec, columns)
+    held = part
     raw = jnp.take_along_axis(z, index, axis=-1)
     if mask is not None:  # [..., K_local], or the fused loss's class mask [K_local]
         picked = jnp.take(mask, index) if mask.ndim == 1 else jnp.take_along_axis(mask, index, -1)
         part = part & picked
     weight = 1.0 if class_weights is None else jnp.take(class_weights, index)
     log_p, possible = _entry_log_probs(raw, part, normalizer, spec)
-    a = (1.0 - spec.label_smoothing) * jnp.where(part, labels.weights, 0.0)
-    step = g_loss[..., None] * a * weight
-    if spec.logit_softcap is not None:
-        step = step * (1.0 - (softcap(raw, spec) / spec.logit_softcap) ** 2)
-    step = jnp.where(possible, step, 0.0)
-    flat = dz.reshape(-1, num_local)
+    a = jnp.where(part, labels.weights, 0.0)
+    u = (1.0 - spec.label_smoothing) * _sum_duplicates(labels.indices, a)
+    if spec.label_smoothing:
+        u = u + jnp.where(possible, spec.label_smoothing / jnp.maximum(num_possible, 1.0)[..., None],
+                          0.0)
+    capped = jnp.where(possible, softcap(raw, spec), -jnp.inf)
+    values = cotangent(log_p, u * weight, capped, possible).astype(dz.dtype)
+    # A 16-bit dz is scattered as bits: XLA:CPU has no bfloat16 scatter and would scatter into
+    # a float32 copy of dz ([N, K] of temp memory), rounding it afterwards.
+    half = jnp.dtype(dz.dtype).itemsize == 2
+    bits = lambda x: lax.bitcast_convert_type(x, jnp.uint16) if half else x
+    flat = bits(dz).reshape(-1, num_local)
     rows = lax.broadcasted_iota(jnp.int32, (flat.shape[0], index.shape[-1]), 0)
-    flat = flat.at[rows, index.reshape(rows.shape)].add(
-        -step.reshape(rows.shape), mode="promise_in_bounds"
-    )
+    target = jnp.where(held, index, num_local).reshape(rows.shape)  # out of bounds: dropped
+    flat = flat.at[rows, target].set(bits(values).reshape(rows.shape), mode="drop")
     dz = flat.reshape(dz.shape)
+    if half:
+        dz = lax.bitcast_convert_type(dz, values.dtype)
     if class_weights is not None:
-        entry = jnp.where(part, xdiff(g_loss[..., None] * a, 0.0, log_p), 0.0)
-        share = jnp.zeros(num_local, dz.dtype).at[index.reshape(-1)].add(
+        scale = g_loss[..., None] * (1.0 - spec.label_smoothing) * a
+        entry = jnp.where(part, xdiff(scale, 0.0, log_p), 0.0)
+        share = jnp.zeros(num_local, entry.dtype).at[index.reshape(-1)].add(
             entry.reshape(-1), mode="promise_in_bounds"
         )
         dweights = share if dweights is None else dweights + share
@@ -559,7 +588,8 @@ def _row_losses_bwd(spec, residuals, cotangents):
     # (sparse labels' weights come in the compute dtype)
     targets = labels if spec.integer_labels or spec.sparse_labels else upcast_unshared(labels)
     dz, dlabels, dweights = row_cotangents(
-        z, targets, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec
+        z, targets, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec,
+        dtype=logits.dtype,
     )
     if spec.sparse_labels:  # no gradient for the indices
         weights = labels.weights
