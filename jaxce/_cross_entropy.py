@@ -244,8 +244,9 @@ def softmax_cross_entropy_with_sparse_labels(
     Note:
       The forward pass gathers the k entries' logits (O(N k)) and shifts the normaliser by
       the largest of them: no one-hot or dense label array is built. The backward pass is
-      the closed form :math:`g (p \sum_j a_j - y)` from a custom VJP, whose k entries are
-      scatter-added into the gradient; the gradient of ``label_weights`` is
+      the closed form :math:`g (p \sum_j a_j - y)` from a custom VJP (one pass over the
+      logits, as for integer labels), recomputed at the entries' classes and written there
+      by a scatter; the gradient of ``label_weights`` is
       :math:`-g \log p_{i_j}` (with ``label_smoothing`` and ``class_weights``:
       :math:`-g (1 - \varepsilon) w_{i_j} \log p_{i_j}`), and ``label_indices`` have none.
       Duplicate indices add up. An entry of non-zero weight whose index is outside
