@@ -11,7 +11,10 @@ Rows, N=4096 examples, V=32768 classes, float32:
 
 - sparse k=32 (a teacher's top-32 probabilities, renormalised) vs the soft-label loss on their
   scatter into [N, V] dense labels (built once, outside the timing): target time <= 0.5x and
-  no [N, V] temporary (temp within ``ROW_SLACK`` of O(N k) bytes);
+  no [N, V] temporary (temp within ``ROW_SLACK`` of eight [N, k] float32 arrays). The time
+  target is not met on XLA:CPU (about 0.7x): sparse labels cost what integer labels do (the
+  second row), two passes that exponentiate every logit and the gradient's write, and the
+  dense loss adds only its max pass and the reads of its labels to those;
 - sparse k=1 with weight 1 vs the integer-label loss on the same classes (the same numbers):
   for information, the cost of the general path over the integer fast path.
 
@@ -89,7 +92,7 @@ def main(argv=None):
     # (row, A and its args, B and its args, target on A/B time or None, A's temp allowance)
     rows = [
         (f"sparse k={k} vs dense soft", (sparse, z, indices, weights), (soft, z, dense), 0.5,
-         ROW_SLACK + 16 * n * k),
+         ROW_SLACK + 32 * n * k),
         ("sparse k=1 vs integer", (sparse, z, indices[:, :1], ones), (integer, z, indices[:, 0]),
          None, ROW_SLACK + 16 * n),
     ]
