@@ -18,6 +18,9 @@ if typing.TYPE_CHECKING:  # the same names, statically, for type checkers and th
     from ._cross_entropy import (
         softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
     )
+    from ._cross_entropy import (
+        softmax_cross_entropy_with_sparse_labels as softmax_cross_entropy_with_sparse_labels,
+    )
     from ._divergence import softmax_divergence as softmax_divergence
     from ._information import cross_entropy as cross_entropy
     from ._information import entropy as entropy
@@ -56,6 +59,7 @@ __all__ = [
     "softmax_cross_entropy",
     "softmax_cross_entropy_hvp",
     "softmax_cross_entropy_with_integer_labels",
+    "softmax_cross_entropy_with_sparse_labels",
     "softmax_divergence",
     "softmax_entropy",
     "softmax_jacobian",
@@ -82,6 +86,7 @@ _HOMES = {
     "softmax_cross_entropy": "_cross_entropy",
     "softmax_cross_entropy_hvp": "_cross_entropy",
     "softmax_cross_entropy_with_integer_labels": "_cross_entropy",
+    "softmax_cross_entropy_with_sparse_labels": "_cross_entropy",
     "log_softmax": "_softmax",
     "logsumexp": "_softmax",
     "softmax": "_softmax",

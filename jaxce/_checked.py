@@ -43,6 +43,7 @@ __all__ = [
     "check_distribution",
     "check_finite",
     "check_labels",
+    "check_sparse_labels",
     "check_unit_interval",
 ]
 
@@ -268,6 +269,41 @@ def check_labels(
     at = _index_template(name, labels.ndim, "i")
     message = f" = {{value}} is outside [0, {k}) (ignore_index={ignore_index!r})"
     _report(bad, at, message, labels, _shards(labels.ndim, (), None, batch_axis_name))
+
+
+def check_sparse_labels(
+    indices: jax.Array,
+    weights: jax.Array,
+    num_classes: int,
+    *,
+    class_axis_name: Any = None,
+    batch_axis_name: Any = None,
+    names: tuple[str, str] = ("label_indices", "label_weights"),
+) -> None:
+    """In checked mode: every entry of non-zero weight has an index in ``[0, num_classes)``,
+    and every weight is finite (an entry of weight 0 is padding: any index).
+
+    ``indices`` and ``weights`` are ``[..., k]``; ``num_classes``, ``class_axis_name`` and
+    ``batch_axis_name`` as in :func:`check_labels`.
+
+    Messages: ``label_indices[3, 1] = 7 is outside [0, 5) with a non-zero weight (an entry of
+    weight 0 may hold any index)``, ``label_weights[0, 2] is nan (NaN and +-inf are not
+    allowed)``.
+    """
+    if _settings() is None:
+        return
+    indices, weights = jnp.asarray(indices), jnp.asarray(weights)
+    k = num_classes
+    if class_axis_name is not None:
+        k = num_classes * jax.lax.axis_size(class_axis_name)
+    bad = _labels_out_of_range(indices, k, None) & (weights != 0)
+    at = _index_template(names[0], indices.ndim, "i")
+    message = (
+        f" = {{value}} is outside [0, {k}) with a non-zero weight (an entry of weight 0 may "
+        "hold any index)"
+    )
+    _report(bad, at, message, indices, _shards(indices.ndim, (), None, batch_axis_name))
+    check_finite(names[1], weights, -1, allow_neg_inf=False, batch_axis_name=batch_axis_name)
 
 
 def check_finite(

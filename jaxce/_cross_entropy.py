@@ -1,6 +1,6 @@
 """The softmax cross-entropies on logits held in place (labels as distributions, integer
-class ids, or log-probabilities), and the Hessian-vector product of the softmax
-cross-entropy."""
+class ids, k weighted class ids, or log-probabilities), and the Hessian-vector product of the
+softmax cross-entropy."""
 
 from collections.abc import Sequence
 from typing import Any
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ._checked import check_distribution, check_finite, check_labels
+from ._checked import check_distribution, check_finite, check_labels, check_sparse_labels
 from ._options import (
     Options,
     check_segments,
@@ -21,6 +21,7 @@ from ._options import (
     label_class_weights,
     logits_in_rows,
     make_options,
+    sparse_labels,
     with_option_doc,
 )
 from ._rows import row_losses
@@ -214,6 +215,106 @@ def softmax_cross_entropy_with_integer_labels(
     segments = check_segments(segment_ids, batch_shape, opts)
     return _in_place_loss(
         z, ids, mask, ignored, batch_shape, class_weights, sample_weights, opts, segments
+    )
+
+
+@with_option_doc
+def softmax_cross_entropy_with_sparse_labels(
+    logits: ArrayLike,
+    label_indices: ArrayLike,
+    label_weights: ArrayLike,
+    axis: int | Sequence[int] = -1,
+    *,
+    where: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    class_weights: ArrayLike | None = None,
+    sample_weights: ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    base: float | None = None,
+    reduction: str = "none",
+    return_aux: bool = False,
+    class_axis_name: Any = None,
+    batch_axis_name: Any = None,
+    segment_ids: ArrayLike | None = None,
+    num_segments: int | None = None,
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    r"""Softmax cross-entropy against sparse labels: :math:`-\sum_j a_j \log p_{i_j}`.
+
+    The labels are the distribution (or any non-negative target) that puts weight
+    :math:`a_j` on class :math:`i_j` for the k entries :math:`j` of an example: the cached
+    top-k of a teacher's probabilities (distillation), or a few positive classes (multi-label
+    targets). Value and gradients are those of :func:`softmax_cross_entropy` on the dense
+    labels :math:`y_c = \sum_j a_j [i_j = c]`, for every option, without building them.
+
+    Args:
+      logits: floating logits; ``axis`` holds the K classes.
+      label_indices: integer class ids of shape ``batch_shape + (k,)`` (the batch shape is
+        the logits' shape without ``axis``; with several class axes, flat C-order indices as
+        in :func:`softmax_cross_entropy_with_integer_labels`).
+      label_weights: floating weights of the same shape (differentiable: the loss is linear
+        in them). An entry of weight 0 takes no part whatever its index: pad with index -1
+        and weight 0.
+      axis: the class axis or axes.
+{options}
+    Returns:
+      The loss in float32 (or wider): per example (the batch shape) or a scalar; with
+      ``return_aux`` the pair ``(loss, aux)`` (aux as :func:`softmax_cross_entropy`'s).
+
+    Note:
+      The forward pass gathers the k entries' logits (O(N k)) and shifts the normaliser by
+      the largest of them: no one-hot or dense label array is built. The backward pass is
+      the closed form :math:`g (p \sum_j a_j - y)` from a custom VJP (one pass over the
+      logits, as for integer labels), recomputed at the entries' classes and written there
+      by a scatter; the gradient of ``label_weights`` is
+      :math:`-g \log p_{i_j}` (with ``label_smoothing`` and ``class_weights``:
+      :math:`-g (1 - \varepsilon) w_{i_j} \log p_{i_j}`), and ``label_indices`` have none.
+      Duplicate indices add up. An entry of non-zero weight whose index is outside
+      ``[0, K)`` gives a NaN loss and a NaN gradient row (never a silent wrap to another
+      class; :func:`jaxce.checked` raises instead); an entry on a masked class takes no
+      part (as a masked soft label); an entry of positive weight on a :math:`-\infty`
+      logit (an impossible class) gives :math:`+\infty`, as the dense loss does.
+      There is no ``ignore_index``: weight 0 is the padding. An example whose weights are all
+      0 has loss 0 (plus its z-loss) and still counts in ``"mean"`` (as a zero soft label);
+      give it ``sample_weights`` 0 or mask it with ``where`` (of the batch shape) to leave it
+      out. With one entry of weight 1 per example this is
+      :func:`softmax_cross_entropy_with_integer_labels`, but for ``"mean"`` with
+      ``class_weights``, which divides by the examples' count here (soft labels' semantics),
+      not by their :math:`\sum_n w_{y_n}`.
+      Forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP and raises
+      JAX's error; use reverse mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxce
+      >>> logits = jnp.array([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]])
+      >>> indices = jnp.array([[0, 1], [0, -1]])  # -1: padding, of weight 0
+      >>> weights = jnp.array([[0.5, 0.5], [1.0, 0.0]])
+      >>> print(jaxce.softmax_cross_entropy_with_sparse_labels(logits, indices, weights).round(5))
+      [0.90761 0.40761]
+    """
+    opts = make_options(
+        integer_labels=False,
+        sparse_labels=True,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        base=base,
+        reduction=reduction,
+        return_aux=return_aux,
+        class_axis_name=class_axis_name,
+        batch_axis_name=batch_axis_name,
+        segmented=True,
+        num_segments=num_segments,
+    )
+    z, mask, axes, batch_shape = logits_in_rows(logits, axis, where, opts)
+    what = f"logits shape without axis {axis}"
+    labels = sparse_labels(label_indices, label_weights, batch_shape, what)
+    mesh_axes = {"class_axis_name": class_axis_name, "batch_axis_name": batch_axis_name}
+    check_finite("logits", logits, axes, where=where, **mesh_axes)
+    check_sparse_labels(label_indices, label_weights, z.shape[-1], **mesh_axes)
+    segments = check_segments(segment_ids, batch_shape, opts)
+    return _in_place_loss(
+        z, labels, mask, None, batch_shape, class_weights, sample_weights, opts, segments
     )
 
 

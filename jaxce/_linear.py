@@ -22,14 +22,16 @@ at large V, is in :mod:`jaxce._sweeps`.
 """
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from ._checked import check_labels
+from ._checked import check_labels, check_sparse_labels
 from ._options import (
     check_segments,
     check_weights,
@@ -37,7 +39,10 @@ from ._options import (
     finish,
     integer_labels,
     make_options,
+    sparse_labels,
 )
+from ._rows import entry_weight_cotangents, local_entries, sparse_outside
+from ._spec import SparseLabels, aval_varying_axes, class_shards, sum_like, vary_over
 from ._sweeps import (
     cast_grads,
     default_block_size,
@@ -48,6 +53,43 @@ from ._sweeps import (
     tiled_grads,
 )
 from ._validation import compute_dtype, static_number
+
+ENTRY_BYTES = 16 * 2**20
+"""The label weights' gradient of sparse labels gathers, per block of rows, the columns of ``w``
+of its entries: about this many bytes (``rows x k x D``)."""
+
+
+def _label_cotangent(x, w, bias, labels, mask, class_weights, opts, normalizer, g_loss):
+    r"""The labels' cotangent: None for integer labels; for sparse labels their weights'
+    (:func:`jaxce._rows.entry_weight_cotangents`), from the entries' logits
+    :math:`x_n \cdot w_{:, i_j} + b_{i_j}` computed by gathering their k columns of ``w``
+    (O(N k D), in blocks of rows): no sweep over the classes."""
+    if not opts.spec.sparse_labels:
+        return None
+    spec = opts.spec
+    n, d = x.shape
+    num_local = w.shape[1]
+    dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
+    index, part = local_entries(labels.indices, num_local, spec)
+    k = index.shape[-1]
+
+    def entry_logits(row):
+        xr, ir = row
+        z = lax.dot_general(xr, jnp.take(w, ir, axis=1), (((0,), (0,)), ((), ())),
+                            preferred_element_type=dtype)
+        return z if bias is None else z + jnp.take(bias, ir).astype(dtype)
+
+    if n * k:
+        rows = max(1, min(n, ENTRY_BYTES // (4 * max(k * d, 1))))
+        raw = lax.map(entry_logits, (x, index), batch_size=rows)
+    else:
+        raw = jnp.zeros((n, k), dtype)
+    if mask is not None:
+        part = part & jnp.take(mask, index)
+    weight = 1.0 if class_weights is None else jnp.take(class_weights, index)
+    bad = sparse_outside(labels, num_local * class_shards(spec))
+    dweights = entry_weight_cotangents(raw, part, weight, normalizer, g_loss, bad, spec)
+    return SparseLabels(None, sum_like(dweights.astype(labels.weights.dtype), labels.weights))
 
 # ----------------------------------------------------------------------------------------------
 # reduction="none" (and the general case): per-example outputs, blocks recomputed backward.
@@ -72,7 +114,8 @@ def _rows_bwd(opts, block, tile, gradient_filter, residuals, cotangents):
         (True, True, bias is not None), gradient_filter,
     )
     dx, dw, db, dcw = cast_grads(grads, x, w, bias, class_weights)
-    return dx, dw, db, None, None, dcw
+    dlabels = _label_cotangent(x, w, bias, labels, mask, class_weights, opts, saved[0], g_loss)
+    return dx, dw, db, dlabels, None, dcw
 
 
 _rows.defvjp(_rows_fwd, _rows_bwd)
@@ -99,7 +142,8 @@ def _example_cotangents(labels, counted, class_weights, sample_weights, opts, dt
     """d(reduced loss)/d(per-example loss): the reduction is linear in the losses."""
     # Zeros that vary like the labels do (inside shard_map, over the batch axis): the vjp then
     # gives each example its own cotangent instead of summing them over the batch shards.
-    zeros = labels.astype(dtype) * 0
+    ids = labels.indices[..., :1].sum(-1) if opts.spec.sparse_labels else labels
+    zeros = ids.astype(dtype) * 0
     fn = _finish_fn(labels, counted, zeros, opts._replace(return_aux=False))
     out, pull = jax.vjp(lambda loss: fn(loss, zeros, class_weights, sample_weights)[0], zeros)
     (g,) = pull(jnp.ones_like(out))
@@ -128,6 +172,7 @@ def _reduced_fwd(
     gradient_filter,
 ):
     want = (_perturbed(x), _perturbed(w), _perturbed(bias))
+    want_labels = opts.spec.sparse_labels and _perturbed(labels.weights)
     x, w, bias, labels, mask, class_weights, sample_weights, counted = map(
         _value, (x, w, bias, labels, mask, class_weights, sample_weights, counted)
     )
@@ -148,19 +193,24 @@ def _reduced_fwd(
         )
     fn = _finish_fn(labels, counted, correct, opts)
     (out, aux), pull = jax.vjp(fn, loss, saved[0].lse, class_weights, sample_weights)
-    result = (out, {**aux, "correct": (correct > 0.5) & counted}) if opts.return_aux else out
+    if opts.return_aux and opts.spec.integer_labels:
+        aux = {**aux, "correct": (correct > 0.5) & counted}
+    result = (out, aux) if opts.return_aux else out
     inputs = (x, w, bias, labels, mask, class_weights, saved)
-    return result, (grads, pull, inputs, want)
+    return result, (grads, pull, inputs, want, want_labels)
 
 
 def _reduced_bwd(opts, block, tile, gradient_filter, residuals, cotangents):
-    grads, pull, inputs, want = residuals
+    grads, pull, inputs, want, want_labels = residuals
     x, w, bias, labels, mask, class_weights, saved = inputs
     g_out, g_aux = cotangents if opts.return_aux else (cotangents, {})
     g_aux = {k: v for k, v in g_aux.items() if k != "correct"}
 
     def instantiate(g, like):
-        return jnp.zeros(like.shape, like.dtype) if isinstance(g, SymbolicZero) else g
+        if not isinstance(g, SymbolicZero):
+            return g
+        # Inside shard_map, zeros that vary as the output does (the aux vary over the batch).
+        return vary_over(jnp.zeros(like.shape, like.dtype), aval_varying_axes(g.aval))
 
     aux_is_zero = all(isinstance(g, SymbolicZero) for g in g_aux.values())
     g_out = instantiate(g_out, g_out)
@@ -176,7 +226,10 @@ def _reduced_bwd(opts, block, tile, gradient_filter, residuals, cotangents):
     if dcw is not None:
         dcw = dcw + d_class_weights
     dx, dw, db, dcw = cast_grads((dx, dw, db, dcw), x, w, bias, class_weights)
-    return dx, dw, db, None, None, dcw, d_sample_weights, None
+    dlabels = None
+    if want_labels:
+        dlabels = _label_cotangent(x, w, bias, labels, mask, class_weights, opts, saved[0], g_loss)
+    return dx, dw, db, dlabels, None, dcw, d_sample_weights, None
 
 
 _reduced.defvjp(_reduced_fwd, _reduced_bwd, symbolic_zeros=True)
@@ -190,6 +243,7 @@ def linear_softmax_cross_entropy(
     w: ArrayLike,
     labels: ArrayLike,
     *,
+    label_weights: ArrayLike | None = None,
     bias: ArrayLike | None = None,
     where: ArrayLike | None = None,
     ignore_index: int | None = None,
@@ -213,12 +267,21 @@ def linear_softmax_cross_entropy(
     The same numbers as
     ``softmax_cross_entropy_with_integer_labels(x @ w + bias, labels, <same options>)``, and
     the same gradients with respect to ``x``, ``w``, ``bias`` (and the weights), without ever
-    holding the N x V logits: the rows are processed in blocks of ``block_size``.
+    holding the N x V logits: the rows are processed in blocks of ``block_size``. With
+    ``label_weights``, the loss against sparse labels instead:
+    ``softmax_cross_entropy_with_sparse_labels(x @ w + bias, labels, label_weights, ...)``.
 
     Args:
       x: activations ``[..., D]`` (floating).
       w: the output layer ``[D, V]``, as in ``x @ w`` (a Flax ``Dense`` kernel).
-      labels: integer class ids of ``x``'s batch shape ``x.shape[:-1]``.
+      labels: integer class ids of ``x``'s batch shape ``x.shape[:-1]``; with
+        ``label_weights``, the k class ids of each example, ``x.shape[:-1] + (k,)``.
+      label_weights: optional floating ``x.shape[:-1] + (k,)``: the weight of each entry of
+        ``labels`` (sparse labels, see :func:`jaxce.softmax_cross_entropy_with_sparse_labels`:
+        an entry of weight 0 is padding, whatever its index; an entry of non-zero weight
+        outside ``[0, V)`` makes the loss NaN). Differentiable: their gradient gathers the
+        entries' k columns of ``w`` (O(N k D)), no pass over the classes. Without
+        ``ignore_index``, and ``aux`` has no ``correct``.
       bias: optional ``[V]``.
       where: optional boolean ``[V]`` class mask (e.g. the padding columns of a vocabulary).
       ignore_index: examples whose label equals it get loss 0 and gradient 0, and do not
@@ -286,8 +349,15 @@ def linear_softmax_cross_entropy(
       >>> print(jaxce.linear_softmax_cross_entropy(x, w, labels, block_size=1).round(5))
       0.90761
     """
+    sparse = label_weights is not None
+    if sparse and ignore_index is not None:
+        raise ValueError(
+            f"ignore_index={ignore_index!r} does not apply with label_weights (sparse labels): "
+            "an entry of weight 0 is padding"
+        )
     opts = make_options(
-        integer_labels=True,
+        integer_labels=not sparse,
+        sparse_labels=sparse,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
@@ -303,22 +373,32 @@ def linear_softmax_cross_entropy(
     x, w, bias, mask, block_size = linear_inputs(x, w, bias, where, block_size, opts)
     num_classes = w.shape[1]
     batch_shape = x.shape[:-1]
-    ids, ignored = integer_labels(labels, batch_shape, "x's batch shape", opts.ignore_index)
+    if sparse:
+        names = ("labels", "label_weights")
+        sparse_ids = sparse_labels(labels, label_weights, batch_shape, "x's batch shape", names)
+        ignored = None
+    else:
+        ids, ignored = integer_labels(labels, batch_shape, "x's batch shape", opts.ignore_index)
     filt = static_number("gradient_filter", gradient_filter, optional=True)
     if filt is not None and not 0 <= filt < float("inf"):
         raise ValueError(f"gradient_filter must be a finite float >= 0 or None, got {filt!r}")
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, num_classes, batch_shape
     )
-    check_labels(
-        labels, num_classes, ignore_index=opts.ignore_index, class_axis_name=class_axis_name,
-        batch_axis_name=batch_axis_name,
-    )
-    n = ids.size
+    mesh_axes = {"class_axis_name": class_axis_name, "batch_axis_name": batch_axis_name}
+    if sparse:
+        check_sparse_labels(labels, label_weights, num_classes, names=names, **mesh_axes)
+    else:
+        check_labels(labels, num_classes, ignore_index=opts.ignore_index, **mesh_axes)
+    n = math.prod(batch_shape)
     block = block_size or default_block_size(n, num_classes)
     tile = tile_shape(n, x.shape[-1], num_classes, block)
     x2 = x.reshape(n, x.shape[-1])
-    y = ids.reshape(n)
+    if sparse:
+        k = sparse_ids.indices.shape[-1]
+        y = jax.tree.map(lambda a: a.reshape(n, k), sparse_ids)
+    else:
+        y = ids.reshape(n)
     sw = None if sample_weights is None else sample_weights.reshape(n)
     counted = counted_rows(mask, None if ignored is None else ignored.reshape(n), (n,), opts.spec)
     segments = check_segments(segment_ids, batch_shape, opts)

@@ -10,7 +10,7 @@ from jax import lax
 
 from ._rows import label_lookup, z_loss_term
 from ._softmax import move_axes_last
-from ._spec import Spec, class_sum, varying_axes
+from ._spec import SparseLabels, Spec, class_sum, varying_axes
 from ._validation import (
     broadcast_mask,
     canonical_axes,
@@ -140,6 +140,7 @@ def make_options(
     batch_axis_name=None,
     segmented=False,
     num_segments=None,
+    sparse_labels: bool = False,
 ) -> Options:
     """Validated options; ``segmented`` entry points also take ``reduction="segment_mean"``,
     which needs ``num_segments``, a static int >= 1."""
@@ -159,6 +160,7 @@ def make_options(
         z_loss=check_nonnegative_option("z_loss", z_loss),
         logit_softcap=check_softcap(logit_softcap),
         class_axis_name=class_axis_name,
+        sparse_labels=sparse_labels,
     )
     return Options(
         spec, log_base(base), reduction, bool(return_aux), ignore_index, batch_axis_name,
@@ -243,7 +245,7 @@ def counted_rows(mask, ignored, batch_shape, spec: Spec):
 
 
 
-def integer_labels(labels, batch_shape, what: str, ignore_index: int | None):
+def integer_labels(labels, batch_shape, what: str, ignore_index: int | None, name="labels"):
     """Validate integer labels; return ``(ids, ignored)``: int32 class ids and the ignore mask.
 
     Every comparison is exact whatever the labels' dtype: K, the class offsets and
@@ -260,12 +262,12 @@ def integer_labels(labels, batch_shape, what: str, ignore_index: int | None):
         out_of_int32 = (labels < _INT32.min) | (labels > _INT32.max)
         if not jax.config.jax_enable_x64 and labels.dtype.itemsize == 8 and np.any(out_of_int32):
             raise ValueError(
-                f"labels hold {labels[out_of_int32].flat[0]}, beyond int32, which JAX truncates "
+                f"{name} hold {labels[out_of_int32].flat[0]}, beyond int32, which JAX truncates "
                 "to another class while 64-bit types are disabled (enable jax_enable_x64)"
             )
     labels = jnp.asarray(labels)
-    check_integer("labels", labels)
-    check_shape("labels", labels, batch_shape, what)
+    check_integer(name, labels)
+    check_shape(name, labels, batch_shape, what)
     info = jnp.iinfo(labels.dtype)
     ids = labels
     if info.max > _INT32.max or info.min < _INT32.min:
@@ -277,6 +279,25 @@ def integer_labels(labels, batch_shape, what: str, ignore_index: int | None):
         ignored = (labels == ignore_index) if representable else jnp.zeros(labels.shape, bool)
         ids = jnp.where(ignored, 0, ids)  # any class: their loss and gradient are zeroed
     return ids, ignored
+
+
+def sparse_labels(indices, weights, batch_shape, what: str, names=("label_indices", "label_weights")):
+    """Validate sparse labels: integer ``indices`` of shape ``batch_shape + (k,)``, floating
+    ``weights`` of the same shape; return them as :class:`SparseLabels` (int32 ids as
+    :func:`integer_labels` makes them, weights in the compute dtype)."""
+    index_name, weight_name = names
+    weights = jnp.asarray(weights)
+    shape = jnp.shape(indices)
+    check_integer(index_name, jnp.asarray(indices))
+    check_floating(weight_name, weights)
+    if len(shape) != len(batch_shape) + 1 or tuple(shape[:-1]) != tuple(batch_shape):
+        raise ValueError(
+            f"{index_name} shape {tuple(shape)} does not match {what} {tuple(batch_shape)} plus "
+            "a last axis of k entries"
+        )
+    check_shape(weight_name, weights, shape, f"{index_name} shape")
+    ids, _ = integer_labels(indices, shape, what, None, name=index_name)
+    return SparseLabels(ids, weights.astype(compute_dtype(weights.dtype)))
 
 
 def _check_unambiguous(where, logits_shape, batch_shape, opts: Options) -> None:

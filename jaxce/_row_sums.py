@@ -190,13 +190,20 @@ def smoothed_targets(labels, mask, possible, class_weights, spec: Spec, dtype, n
 
     Soft labels are masked by the user's ``mask`` (masked entries take no part, as in optax);
     an integer label is never masked away, so a label on a masked or -inf class meets a -inf
-    logit and gives +inf (probability 0), not a silent 0.
+    logit and gives +inf (probability 0), not a silent 0. Sparse labels give only the
+    smoothing's share (``(None, None)`` without smoothing): their k entries are added to the
+    cotangent by a scatter (``row_cotangents``), never as an [N, K] array.
     """
+    eps = spec.label_smoothing
+    if spec.sparse_labels:
+        if not eps:
+            return None, None
+        u = jnp.where(possible, eps / jnp.maximum(num_possible, 1.0)[..., None], 0.0)
+        return u, (u if class_weights is None else u * class_weights)
     if spec.integer_labels:
         u = (class_ids(possible.shape[-1], spec, columns) == labels[..., None]).astype(dtype)
     else:
         u = masked_fill(labels.astype(dtype), mask, 0.0)
-    eps = spec.label_smoothing
     if eps:  # K_m (num_possible) comes from the forward pass: no recount
         share = eps / jnp.maximum(num_possible, 1.0)[..., None]
         u = (1.0 - eps) * u + jnp.where(possible, share, 0.0)

@@ -54,7 +54,15 @@ from ._row_sums import (
     upcast_unshared,
 )
 from ._softmax import finite_or_zero, masked_fill
-from ._spec import Spec, class_max, class_offset, class_shards, class_sum, sum_like
+from ._spec import (
+    SparseLabels,
+    Spec,
+    class_max,
+    class_offset,
+    class_shards,
+    class_sum,
+    sum_like,
+)
 from ._validation import (
     compute_dtype,
 )
@@ -151,7 +159,8 @@ def _label_normalizer(raw, z, label_logit, mask, spec: Spec) -> Normalizer:
 def label_lookup(values, labels, spec: Spec, upcast=None):
     """``(values[..., label], held)``: an O(N) gather from the local slice, summed over shards.
 
-    ``values`` is [..., K_local] (or [K_local]); ``held`` counts the shards holding the label
+    ``values`` is [..., K_local] (or [K_local]); ``labels`` the batch shape, or [..., k] (the
+    entries of sparse labels: a value per entry); ``held`` counts the shards holding the label
     (0 for a label outside [0, K)). Shards that do not hold it contribute 0. ``upcast`` maps
     the gathered values (before the sum over shards).
     """
@@ -161,6 +170,8 @@ def label_lookup(values, labels, spec: Spec, upcast=None):
     index = jnp.clip(local, 0, num_local - 1)
     if values.ndim == 1:
         picked = jnp.take(values, index)
+    elif index.ndim == values.ndim:  # k entries per row
+        picked = jnp.take_along_axis(values, index, axis=-1)
     else:
         picked = jnp.take_along_axis(values, index[..., None], axis=-1)[..., 0]
     if upcast is not None:
@@ -225,7 +236,45 @@ def _integer_terms(raw, z, labels, mask, class_weights, label_logit, found, shif
     # b = 0 for a label outside [0, K), as the iota comparison of the backward pass finds no class.
     b = jnp.where(found == 1, (1.0 - spec.label_smoothing) * weight, 0.0)
     # b * (c - z_y): 0 for a label of weight 0, +inf for a label on an impossible class.
-    mass, gap, num_possible = b, xdiff(b, shift, label_logit), None
+    return _smoothed_terms(b, xdiff(b, shift, label_logit), raw, z, mask, class_weights, shift, spec)
+
+
+def _entry_logits(raw, labels: SparseLabels, mask, spec: Spec):
+    """``(z_j, a_j, bad)`` for sparse labels: each entry's capped logit (-inf on an impossible
+    class), its weight where it takes part, and the rows holding an entry of non-zero weight
+    outside [0, K) (NaN), by O(N k) gathers, as :func:`_label_logit`.
+
+    An entry takes part when its index is in [0, K) and its class is not masked (a masked
+    entry takes no part, as a masked soft label); elsewhere its weight is 0, so that an entry
+    of weight 0 (padding, with index -1) adds nothing whatever its index. An entry on a -inf
+    logit takes part: with a positive weight the loss is +inf, as the dense loss's.
+    """
+    values = lax.bitcast_convert_type(raw, jnp.uint16) if raw.dtype == jnp.bfloat16 else raw
+    raw_logits, found = label_lookup(values, labels.indices, spec, upcast_unshared)
+    held = found == 1
+    part = held
+    if mask is not None:
+        part &= label_lookup(mask.astype(jnp.int32), labels.indices, spec)[0] > 0
+    weights = jnp.where(part, labels.weights, 0.0)
+    logits = jnp.where(held & (raw_logits > -jnp.inf), softcap(raw_logits, spec), -jnp.inf)
+    bad = jnp.any(~held & (labels.weights != 0), axis=-1)
+    return logits, weights, bad
+
+
+def _sparse_terms(raw, z, labels: SparseLabels, weights, logits, mask, class_weights, shift, spec):
+    r"""``(T, sum_k t_k (c - z_k), K_m)`` for sparse labels: :func:`_integer_terms` summed over the
+    k entries, of weights :math:`b_j = (1 - \varepsilon) w_{i_j} a_j` (``weights`` a_j from
+    :func:`_entry_logits`); O(N k) but for label smoothing. Duplicates add up."""
+    b = (1.0 - spec.label_smoothing) * weights if spec.label_smoothing else weights
+    if class_weights is not None:
+        b = b * label_lookup(class_weights, labels.indices, spec)[0]
+    gap = jnp.sum(xdiff(b, shift[..., None], logits), axis=-1)
+    return _smoothed_terms(jnp.sum(b, axis=-1), gap, raw, z, mask, class_weights, shift, spec)
+
+
+def _smoothed_terms(mass, gap, raw, z, mask, class_weights, shift, spec: Spec):
+    """``(T, gap, K_m)``: the labels' mass and gap plus label smoothing's (K_m None without)."""
+    num_possible = None
     if spec.label_smoothing:
         sums = _smoothing_sums(raw, z, mask, class_weights, shift, spec)
         num_possible, weight_sum, spread = (class_sum(x, spec) for x in sums)
@@ -293,8 +342,9 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
     """Forward pass on raw logits ``z`` [..., K_local] (any float dtype): loss, lse, T, correct.
 
     Integer labels shift the normaliser by the label's logit (one pass over the logits; the
-    max pass behind ``correct`` is dropped by XLA unless ``correct`` is used); label
-    distributions shift it by the row maximum.
+    max pass behind ``correct`` is dropped by XLA unless ``correct`` is used), sparse labels by
+    the largest logit of their entries that take part; label distributions shift it by the row
+    maximum.
     """
     raw, z = z, capped_logits(z, mask, spec)
     top = _row_max(raw, z, mask, spec)
@@ -305,6 +355,16 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
             raw, z, labels, mask, class_weights, label_logit, found, normalizer.shift, spec
         )
         correct = ((label_logit >= top) & (label_logit > -jnp.inf)).astype(z.dtype)
+    elif spec.sparse_labels:
+        # s = sum_k e^{z_k - c} >= 1 for c the largest entry logit: every term of the loss is
+        # then non-negative (for non-negative weights), as with the label's logit or the max.
+        logits, weights, bad = _entry_logits(raw, labels, mask, spec)
+        lead = jnp.max(jnp.where(weights != 0, logits, -jnp.inf), axis=-1, initial=-jnp.inf)
+        normalizer = _label_normalizer(raw, z, lead, mask, spec)
+        target_mass, gap, num_possible = _sparse_terms(
+            raw, z, labels, weights, logits, mask, class_weights, normalizer.shift, spec
+        )
+        correct = jnp.zeros_like(top)
     else:
         normalizer = _shifted_normalizer(z, _peak_shift(top), spec)
         target_mass, gap, num_possible = _soft_terms(
@@ -321,6 +381,8 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
     if spec.integer_labels:
         # A label outside [0, K) has no class: NaN, never a silent wrap to another class.
         loss = jnp.where(found == 1, loss, jnp.nan)
+    if spec.sparse_labels:  # an entry of non-zero weight outside [0, K): NaN, as above
+        loss = jnp.where(bad, jnp.nan, loss)
     if num_possible is None:
         num_possible = jnp.zeros_like(target_mass)
     return RowStats(loss, normalizer, target_mass, num_possible, correct)
@@ -328,20 +390,24 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
 
 def row_cotangents(
     z, labels, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec: Spec,
-    *, columns=None,
+    *, columns=None, dtype=None,
 ):
     r"""Backward pass: ``(dz, dlabels, dclass_weights)`` from the closed form.
 
     Every class's cotangent needs only its own logit and the row's saved statistics, so ``z``
     may hold a slice of the (local) classes: ``columns = (start, total)`` says it holds
     ``[start, start + K)`` of ``total`` (``mask`` and ``class_weights`` are then sliced alike).
+    ``dz`` comes in ``dtype`` (by default ``z``'s, the compute dtype).
 
     .. math:: dz_k = p_k \big(g (T + 2 \lambda_z \ell) + g_\ell\big) - g\, t_k,
 
     times the softcap's derivative :math:`1 - (z'_k / c)^2`; impossible classes get 0.
     ``dlabels`` (soft labels) is :math:`-g (1 - \varepsilon) w \log p` (0 where masked);
+    for sparse labels it is that at each entry's class, [..., k] (see :func:`_entry_cotangents`;
+    None with ``columns``, where the entries' classes may lie in other slices).
     ``dclass_weights`` is :math:`-\sum_n g\, u \log p`, summed over the rows of this block.
-    The target t of integer labels comes from comparing an iota with the labels: no one-hot.
+    The target t of integer labels comes from comparing an iota with the labels: no one-hot;
+    sparse labels' k entries are written into ``dz`` by a scatter, in place.
     """
     possible = possible_classes(z, mask)
     capped = masked_fill(softcap(z, spec), possible)
@@ -349,27 +415,151 @@ def row_cotangents(
     log_p = normalizer.log_probs(capped)
     lse = finite_or_zero(normalizer.lse)
     coef = g_loss * (target_mass + 2.0 * spec.z_loss * lse) + g_lse
+    num_classes = (z.shape[-1] if columns is None else columns[1]) * class_shards(spec)
     if spec.integer_labels:
         # A label outside [0, K) has a NaN loss, and so a NaN gradient (ignored labels are 0).
-        num_classes = (z.shape[-1] if columns is None else columns[1]) * class_shards(spec)
         valid = (labels >= 0) & (labels < num_classes)
         coef = jnp.where(valid, coef, jnp.nan)
-    dz = jnp.exp(log_p) * coef[..., None] - g_loss[..., None] * t
-    if spec.logit_softcap is not None:
-        dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
-    dz = masked_fill(dz, possible, 0.0)
+    if spec.sparse_labels:
+        bad = sparse_outside(labels, num_classes)  # NaN, as the loss
+        coef = jnp.where(bad, jnp.nan, coef)
+
+    def cotangent(log_p, t, capped, possible):
+        """dz from log p and the targets t (None: 0) of some classes: all, or the entries'."""
+        dz = jnp.exp(log_p) * coef[..., None]
+        if t is not None:
+            dz = dz - g_loss[..., None] * t
+        if spec.logit_softcap is not None:
+            dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
+        return masked_fill(dz, possible, 0.0)
+
+    dz = cotangent(log_p, t, capped, possible)
     g = g_loss[..., None]
     # -g * a * log p: exactly 0 where g * a = 0 (uncounted rows, zero targets), +inf where a
     # target meets an impossible class.
     neg_log_p = lambda a: xdiff(g * a, 0.0, log_p)
     dlabels = None
-    if not spec.integer_labels:
+    if not spec.integer_labels and not spec.sparse_labels:
         w = 1.0 if class_weights is None else class_weights
         scale = jnp.broadcast_to((1.0 - spec.label_smoothing) * w, z.shape)
         dlabels = neg_log_p(masked_fill(scale, mask, 0.0))
     dweights = None
-    if class_weights is not None:
+    if class_weights is not None and u is not None:
         dweights = jnp.sum(neg_log_p(u), axis=tuple(range(z.ndim - 1)))
+    if spec.sparse_labels:  # (their entries are written in the final dtype)
+        dz, dlabels, dweights = _entry_cotangents(
+            dz if dtype is None else dz.astype(dtype), dweights, cotangent, z, labels, mask, class_weights, normalizer, num_possible,
+            g_loss, bad, spec, columns,
+        )
+    return (dz if dtype is None else dz.astype(dtype)), dlabels, dweights
+
+
+def sparse_outside(labels: SparseLabels, num_classes: int) -> jax.Array:
+    """The rows with an entry of non-zero weight outside ``[0, num_classes)`` (NaN rows)."""
+    outside = (labels.indices < 0) | (labels.indices >= num_classes)
+    return jnp.any(outside & (labels.weights != 0), axis=-1)
+
+
+def local_entries(indices, num_local: int, spec: Spec, columns=None):
+    """``(index, held)``: the entries' indices into the local slice of classes (clipped into
+    it) and whether it holds them; ``columns`` as in :func:`row_cotangents`."""
+    offset = class_offset(num_local, spec) if columns is None else (
+        columns[0] + class_offset(columns[1], spec)
+    )
+    local = indices - offset
+    held = (local >= 0) & (local < num_local)
+    return jnp.clip(local, 0, num_local - 1), held
+
+
+def _entry_log_probs(raw, part, normalizer, spec: Spec):
+    """``log p`` at the entries from their raw logits [..., k] (-inf off the possible ones)."""
+    possible = part & (raw > -jnp.inf)
+    return normalizer.log_probs(jnp.where(possible, softcap(raw, spec), -jnp.inf)), possible
+
+
+def entry_weight_cotangents(raw, part, weight, normalizer, g_loss, bad, spec: Spec):
+    r"""The cotangent of sparse labels' weights, [..., k]: :math:`-g (1 - \varepsilon)
+    w_{i_j} \log p_{i_j}` (the loss is linear in them), from each entry's raw logit ``raw``
+    in the slice of classes that holds it (``part``: held there and not masked; ``weight``:
+    its class weight, or 1), summed over the class shards. 0 for an entry that takes no part,
+    +inf for one on an impossible class (the dense loss's), NaN on the ``bad`` rows
+    (:func:`sparse_outside`) that have a possible class (as their ``dz``).
+    """
+    log_p = _entry_log_probs(raw, part, normalizer, spec)[0]
+    scale = (1.0 - spec.label_smoothing) * weight
+    entry = jnp.where(part, xdiff(g_loss[..., None] * scale, 0.0, log_p), 0.0)
+    entry = class_sum(entry, spec)
+    return jnp.where((bad & (normalizer.log_sum > -jnp.inf))[..., None], jnp.nan, entry)
+
+
+def _sum_duplicates(indices, a):
+    """``sum_{j'} a_{j'} [i_{j'} = i_j]`` for each entry j of [..., k]: a loop over the k entries
+    (a [..., k, k] comparison would be written out whole)."""
+    def add(j, total):
+        pick = lambda x: lax.dynamic_index_in_dim(x, j, axis=-1, keepdims=True)
+        return total + jnp.where(indices == pick(indices), pick(a), 0.0)
+
+    if not indices.shape[-1]:
+        return a
+    return lax.fori_loop(0, indices.shape[-1], add, 0.0 * a)
+
+
+def _entry_cotangents(dz, dweights, cotangent, z, labels: SparseLabels, mask, class_weights,
+                      normalizer, num_possible, g_loss, bad, spec: Spec, columns):
+    r"""Sparse labels' share of the cotangents: their k entries, in O(N k).
+
+    ``dz`` holds :func:`row_cotangents`' closed form without the entries' targets. At each
+    entry's class the closed form is recomputed with its full target, ``cotangent(log p_c,
+    t_c, ...)`` with :math:`t_c = w_c ((1 - \varepsilon) \sum_{j: i_j = c} a_j + \varepsilon /
+    K_m)` (a_j the entry's weight where it takes part, see :func:`_entry_logits`; duplicates add
+    up, by a k x k comparison per row), and written over ``dz`` there by a scatter, in place,
+    in ``dz``'s own dtype: no [N, K] target and, for bfloat16 logits, no float32 [N, K] ``dz``
+    to round afterwards. ``dweights`` (class weights) gains
+    :math:`-g (1 - \varepsilon) a_j \log p_{i_j}` at class :math:`i_j`; and the entries'
+    weights get :func:`entry_weight_cotangents` (not with ``columns``).
+
+    Each slice of classes (a shard, or the fused loss's tile of ``columns = (start, total)``)
+    writes the entries it holds, from its own logits. A scatter measured 50x faster than
+    summing k iota comparisons into the dense pass at N=4096, V=32768, k=32 on XLA:CPU
+    (0.5 s against 25 s, which also wrote [N, V] temporaries).
+    """
+    num_local = z.shape[-1]
+    index, part = local_entries(labels.indices, num_local, spec, columns)
+    held = part
+    raw = jnp.take_along_axis(z, index, axis=-1)
+    if mask is not None:  # [..., K_local], or the fused loss's class mask [K_local]
+        picked = jnp.take(mask, index) if mask.ndim == 1 else jnp.take_along_axis(mask, index, -1)
+        part = part & picked
+    weight = 1.0 if class_weights is None else jnp.take(class_weights, index)
+    log_p, possible = _entry_log_probs(raw, part, normalizer, spec)
+    a = jnp.where(part, labels.weights, 0.0)
+    u = (1.0 - spec.label_smoothing) * _sum_duplicates(labels.indices, a)
+    if spec.label_smoothing:
+        u = u + jnp.where(possible, spec.label_smoothing / jnp.maximum(num_possible, 1.0)[..., None],
+                          0.0)
+    capped = jnp.where(possible, softcap(raw, spec), -jnp.inf)
+    values = cotangent(log_p, u * weight, capped, possible).astype(dz.dtype)
+    # A 16-bit dz is scattered as bits: XLA:CPU has no bfloat16 scatter and would scatter into
+    # a float32 copy of dz ([N, K] of temp memory), rounding it afterwards.
+    half = jnp.dtype(dz.dtype).itemsize == 2
+    bits = lambda x: lax.bitcast_convert_type(x, jnp.uint16) if half else x
+    flat = bits(dz).reshape(-1, num_local)
+    rows = lax.broadcasted_iota(jnp.int32, (flat.shape[0], index.shape[-1]), 0)
+    target = jnp.where(held, index, num_local).reshape(rows.shape)  # out of bounds: dropped
+    flat = flat.at[rows, target].set(bits(values).reshape(rows.shape), mode="drop")
+    dz = flat.reshape(dz.shape)
+    if half:
+        dz = lax.bitcast_convert_type(dz, values.dtype)
+    if class_weights is not None:
+        scale = g_loss[..., None] * (1.0 - spec.label_smoothing) * a
+        entry = jnp.where(part, xdiff(scale, 0.0, log_p), 0.0)
+        share = jnp.zeros(num_local, entry.dtype).at[index.reshape(-1)].add(
+            entry.reshape(-1), mode="promise_in_bounds"
+        )
+        dweights = share if dweights is None else dweights + share
+    dlabels = None
+    if columns is None:
+        dlabels = entry_weight_cotangents(raw, part, weight, normalizer, g_loss, bad, spec)
     return dz, dlabels, dweights
 
 
@@ -395,11 +585,16 @@ def _row_losses_bwd(spec, residuals, cotangents):
     logits, labels, mask, class_weights, normalizer, target_mass, num_possible = residuals
     g_loss, g_lse, _ = cotangents  # `correct` is piecewise constant: no gradient
     z = upcast_unshared(logits)
-    targets = labels if spec.integer_labels else upcast_unshared(labels)
+    # (sparse labels' weights come in the compute dtype)
+    targets = labels if spec.integer_labels or spec.sparse_labels else upcast_unshared(labels)
     dz, dlabels, dweights = row_cotangents(
-        z, targets, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec
+        z, targets, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec,
+        dtype=logits.dtype,
     )
-    if dlabels is not None:
+    if spec.sparse_labels:  # no gradient for the indices
+        weights = labels.weights
+        dlabels = SparseLabels(None, sum_like(dlabels.astype(weights.dtype), weights))
+    elif dlabels is not None:
         dlabels = sum_like(dlabels.astype(labels.dtype), labels)
     if dweights is not None:
         dweights = sum_like(dweights.astype(class_weights.dtype), class_weights)

@@ -9,13 +9,30 @@ from jax import lax
 
 
 class Spec(NamedTuple):
-    """The static options of a softmax cross-entropy (hashable: a ``nondiff_argnum``)."""
+    """The static options of a softmax cross-entropy (hashable: a ``nondiff_argnum``).
+
+    The label kind: integer class ids (``integer_labels``), k weighted class ids per example
+    (``sparse_labels``: :class:`SparseLabels`), or else distributions over the classes.
+    """
 
     integer_labels: bool
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     logit_softcap: float | None = None
     class_axis_name: Any = None
+    sparse_labels: bool = False
+
+
+class SparseLabels(NamedTuple):
+    """Sparse labels: k (class id, weight) entries per example, each of shape [..., k].
+
+    They stand for the distribution that adds weight ``weights[..., j]`` to class
+    ``indices[..., j]`` (duplicates add up); an entry of weight 0 takes no part, whatever its
+    index.
+    """
+
+    indices: jax.Array  # int32 global class ids
+    weights: jax.Array  # floating, in the compute dtype
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +69,11 @@ def class_ids(num_local: int, spec: Spec, columns=None) -> jax.Array:
 
 def varying_axes(x) -> frozenset:
     """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
-    aval = jax.typeof(x)
+    return aval_varying_axes(jax.typeof(x))
+
+
+def aval_varying_axes(aval) -> frozenset:
+    """:func:`varying_axes` of an abstract value (a symbolic zero cotangent's ``aval``)."""
     mat = getattr(aval, "mat", None)  # jax >= 0.9 names it aval.mat.varying, earlier aval.vma
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 

@@ -324,7 +324,7 @@ def sweep_rows(
     def body(start, skip, carry):
         rows, acc = carry
         xb = lax.dynamic_slice_in_dim(x, start, size)
-        yb = lax.dynamic_slice_in_dim(labels, start, size)
+        yb = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size), labels)
         z = _logits(xb, w, bias, dtype)
         if compute_stats:
             st = row_stats(z, yb, mask, class_weights, spec)
@@ -442,7 +442,7 @@ def tiled_grads(
         def block_body(start, skip, acc):
             dx, dwt, dbt, dcwt = acc
             xb = lax.dynamic_slice_in_dim(x, start, rows)
-            yb = lax.dynamic_slice_in_dim(labels, start, rows)
+            yb = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, rows), labels)
             block_stats = jax.tree.map(lambda r: lax.dynamic_slice_in_dim(r, start, rows), stats)
             fresh = lax.broadcasted_iota(jnp.int32, (rows,), 0) >= skip
             gb = lax.dynamic_slice_in_dim(g_loss, start, rows)

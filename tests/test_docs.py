@@ -93,3 +93,6 @@ def test_softmax_cross_entropies_describe_their_shared_options_alike():
     assert shared <= soft.keys() & integer.keys(), shared - (soft.keys() & integer.keys())
     for name in shared:
         assert soft[name] == integer[name], name
+    sparse = _arguments(jaxce.softmax_cross_entropy_with_sparse_labels)
+    for name in shared:
+        assert sparse[name] == soft[name], name

@@ -44,7 +44,8 @@ def test_docs_site_builds_strict_with_every_page(tmp_path):
     assert 'id="jaxce.losses.smooth_labels"' in pages["api/optax"]
     # Every argument of the losses, the shared options included, is a row of a parameter table.
     rows = set(re.findall(r"<td>\s*<code>(\w+)</code>\s*</td>", pages["api/losses"]))
-    for fn in [jaxce.softmax_cross_entropy, jaxce.softmax_cross_entropy_with_integer_labels]:
+    for fn in [jaxce.softmax_cross_entropy, jaxce.softmax_cross_entropy_with_integer_labels,
+               jaxce.softmax_cross_entropy_with_sparse_labels]:
         assert set(inspect.signature(fn).parameters) <= rows, fn.__name__
     # The docstrings' reST arrives as math and links.
     for page, text in pages.items():

@@ -607,3 +607,29 @@ def test_shard_map_without_vma_checks_raises(fused):
     f = jax.shard_map(local, mesh=mesh_of((2, 4)), in_specs=specs, out_specs=P(), check_vma=False)
     with pytest.raises(ValueError, match="does not vary over mesh axis 'model'.*check_vma=True"):
         jax.jit(f)(*args)
+
+
+def test_linear_scalar_reduction_with_undifferentiated_aux():
+    """``return_aux`` with a scalar reduction, the aux not differentiated (``has_aux``): the
+    backward pass gets symbolic zeros for the per-example aux, which vary over the batch axis
+    inside shard_map; their instantiated zeros must too (they raised a VJP type error)."""
+    a = linear_problem()
+    labels = jnp.asarray(np.maximum(a["labels"], 0))
+    diff = {k: jnp.asarray(a[k]) for k in ("x", "w", "sample_weights")}
+    kw = dict(reduction="mean", return_aux=True, block_size=4, **FULL)
+
+    def loss(d, labels, **axes):
+        return jaxce.linear_softmax_cross_entropy(
+            d["x"], d["w"], labels, sample_weights=d["sample_weights"], **kw, **axes)
+
+    rows = P(DATA)
+    sharded = jax.shard_map(
+        lambda d, y: loss(d, y, class_axis_name=MODEL, batch_axis_name=DATA),
+        mesh=mesh_of((2, 4)),
+        in_specs=({"x": rows, "w": P(None, MODEL), "sample_weights": rows}, rows),
+        out_specs=(P(), {"logsumexp": rows, "z_loss": rows, "correct": rows}),
+    )
+    got = jax.grad(lambda d: sharded(d, labels)[0])(diff)
+    want = jax.grad(lambda d: loss(d, labels)[0])(diff)
+    for k in diff:
+        assert_close(got[k], want[k], F32, f"d{k}")
