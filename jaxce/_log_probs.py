@@ -37,6 +37,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from ._checked import check_finite, check_labels
+from ._normalizer import label_lookup
 from ._options import (
     check_varying,
     counted_rows,
@@ -51,7 +52,6 @@ from ._row_sums import (
     softcap,
     upcast_unshared,
 )
-from ._rows import label_lookup
 from ._softmax import masked_fill
 from ._spec import Spec, class_ids, class_max, class_shards, class_sum, sum_like
 from ._validation import compute_dtype, static_number

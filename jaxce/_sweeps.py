@@ -27,8 +27,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._checked import check_finite
+from ._normalizer import Normalizer
 from ._options import Options, check_varying
-from ._rows import Normalizer, row_cotangents, row_stats
+from ._rows import row_cotangents, row_stats
 from ._spec import vary_over, varying_axes
 from ._validation import check_floating, check_shape, compute_dtype, static_int
 
