@@ -108,4 +108,10 @@ def __getattr__(name: str) -> typing.Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    """The public names, the dunders, and the package's own submodules once imported (not the
+    standard-library modules this file uses)."""
+    own = {
+        name for name, value in globals().items()
+        if name.startswith("__") or getattr(value, "__name__", "").startswith(f"{__name__}.")
+    }
+    return sorted(own | set(__all__))

@@ -49,6 +49,9 @@ def test_all_lists_the_public_face():
         n for n in dir(jaxce) if not n.startswith("_") and not inspect.ismodule(getattr(jaxce, n))
     }
     assert set(jaxce.__all__) == public | {"losses"}, set(jaxce.__all__) ^ (public | {"losses"})
+    # No other module (the standard library's the package imports) shows as a public name.
+    modules = {n for n in dir(jaxce) if not n.startswith("_")} - public
+    assert modules <= {"losses", "train", "datasets"}, modules
 
 
 def test_static_imports_name_what_the_lazy_attributes_load():
