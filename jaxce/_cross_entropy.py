@@ -171,7 +171,9 @@ def softmax_cross_entropy_with_integer_labels(
       ``[0, K)`` that is not ``ignore_index`` gives a NaN loss and a NaN gradient row (never
       a silent wrap to another class; :func:`jaxce.checked` raises instead); a label on a
       masked class or a :math:`-\infty` logit, or in a row whose logits are all
-      :math:`-\infty`, has probability 0 and gives :math:`+\infty` (gradient 0). A
+      :math:`-\infty`, has probability 0 and gives :math:`+\infty`; its gradient stays the
+      closed form :math:`p - y`, i.e. :math:`p` (0 for a row whose logits are all
+      :math:`-\infty`). A
       :math:`-\infty` logit is an impossible class, treated like a masked one: label
       smoothing puts no mass on it.
       Forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP and raises
