@@ -74,6 +74,20 @@ def divergence_spec(kind, beta, temperature, class_axis_name) -> DivergenceSpec:
     return DivergenceSpec(kind, beta, temperature, class_axis_name)
 
 
+def divergence_options(
+    kind, beta, temperature, base, reduction, class_axis_name, batch_axis_name, num_segments
+):
+    """``(spec, opts)``: the divergence's own options, and the shared ones (base, reduction,
+    mesh axes) as the cross-entropies validate them."""
+    spec = divergence_spec(kind, beta, temperature, class_axis_name)
+    opts = make_options(
+        integer_labels=False, label_smoothing=0.0, z_loss=0.0, logit_softcap=None, base=base,
+        reduction=reduction, return_aux=False, class_axis_name=class_axis_name,
+        batch_axis_name=batch_axis_name, segmented=True, num_segments=num_segments,
+    )
+    return spec, opts
+
+
 def normalizer(z, mask, spec: DivergenceSpec):
     """``(c, log s)`` of ``z / tau`` over the classes of all shards: the row maximum c (0 for a
     row without a possible class) and :math:`\\log s = \\log \\sum_k e^{z_k / \\tau - c}`."""
@@ -287,11 +301,8 @@ def softmax_divergence(
       >>> print(jaxce.softmax_divergence(student, teacher, kind="jsd", temperature=2.0).round(5))
       0.01573
     """
-    spec = divergence_spec(kind, beta, temperature, class_axis_name)
-    opts = make_options(
-        integer_labels=False, label_smoothing=0.0, z_loss=0.0, logit_softcap=None, base=base,
-        reduction=reduction, return_aux=False, class_axis_name=class_axis_name,
-        batch_axis_name=batch_axis_name, segmented=True, num_segments=num_segments,
+    spec, opts = divergence_options(
+        kind, beta, temperature, base, reduction, class_axis_name, batch_axis_name, num_segments
     )
     teacher = jnp.asarray(teacher_logits)
     check_floating("teacher_logits", teacher)

@@ -25,14 +25,14 @@ from ._checked import check_finite
 from ._divergence import (
     DivergenceSpec,
     RowSums,
-    divergence_spec,
+    divergence_options,
     log_softmax,
     normalizer,
     pulled,
     row_sums,
     student_cotangent,
 )
-from ._options import Options, check_segments, check_weights, counted_rows, finish, make_options
+from ._options import Options, check_segments, check_weights, counted_rows, finish
 from ._sweeps import (
     _logits,
     cast_grads,
@@ -219,11 +219,8 @@ def linear_softmax_divergence(
       >>> print(jaxce.linear_softmax_divergence(x, w, (x, 0.5 * w), kind="jsd").round(5))
       0.01573
     """
-    spec = divergence_spec(kind, beta, temperature, class_axis_name)
-    opts = make_options(
-        integer_labels=False, label_smoothing=0.0, z_loss=0.0, logit_softcap=None, base=base,
-        reduction=reduction, return_aux=False, class_axis_name=class_axis_name,
-        batch_axis_name=batch_axis_name, segmented=True, num_segments=num_segments,
+    spec, opts = divergence_options(
+        kind, beta, temperature, base, reduction, class_axis_name, batch_axis_name, num_segments
     )
     x, w, bias, mask, block_size = linear_inputs(x, w, bias, where, block_size, opts)
     num_classes = w.shape[1]
