@@ -180,7 +180,7 @@ def _reduced_fwd(
     if any(want) or class_weights is not None:
         dtype = compute_dtype(x.dtype)
         g_loss = _example_cotangents(labels, counted, class_weights, sample_weights, opts, dtype)
-    if g_loss is None or fuses_gradients(w.shape[1], block, tile):
+    if g_loss is None or fuses_gradients(w.shape[1], block, tile, w.dtype):
         (loss, *saved, correct), grads = sweep_rows(
             x, w, bias, labels, mask, class_weights, opts, block, g_loss=g_loss, want=want,
             gradient_filter=gradient_filter,
