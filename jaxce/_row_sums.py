@@ -56,7 +56,21 @@ def possible_classes(z, mask):
 # therefore pure arithmetic where they can be: a fast form that is exact when a row holds no
 # -inf logit, and under a `lax.cond` an exact select-free form for the other rows. The cond's
 # branches build their arrays from the raw inputs (a cond operand is materialised, and an
-# upcast bf16 operand would be written out in float32).
+# upcast bf16 operand would be written out in float32). Those conds are for XLA:CPU only
+# (`xla_cpu_form`): on GPU and TPU a cond inside the fused loss's loop would cost a round trip
+# to the host per block, and the exact forms fuse there.
+
+CPU_FORMS = True
+"""Whether code compiled for XLA:CPU takes the forms measured fastest there
+(:func:`xla_cpu_form`). The tests switch it off to run the other backends' forms on the CPU."""
+
+
+def xla_cpu_form(cpu, plain):
+    """``cpu()`` when compiled for XLA:CPU, ``plain()`` for every other backend: two forms of
+    the same values, the first a workaround measured on XLA:CPU (one branch is compiled)."""
+    if not CPU_FORMS:
+        return plain()
+    return lax.platform_dependent(cpu=cpu, default=plain)
 
 
 def possible_indicator(z):
@@ -89,9 +103,10 @@ def if_all_finite(check, fast, exact):
     """``fast()`` if all of ``check`` is finite, else ``exact()``.
 
     Under ``shard_map`` both branches must vary over the same mesh axes: ``fast`` builds its
-    constants from data (``0 * x + K``), not with ``jnp.full``.
+    constants from data (``0 * x + K``), not with ``jnp.full``. XLA:CPU only; elsewhere
+    ``exact()``.
     """
-    return lax.cond(jnp.all(jnp.isfinite(check)), fast, exact)
+    return xla_cpu_form(lambda: lax.cond(jnp.all(jnp.isfinite(check)), fast, exact), exact)
 
 
 def _no_impossible(raw):
@@ -107,13 +122,18 @@ def unless_impossible(raw, fast, exact, spec: Spec):
     the raw logits (the softcap maps -inf to the finite -c, so the sums cannot tell), and
     ``fast()`` runs inside the cond: for bfloat16 / float16 its upcast of the logits is then its
     own, where XLA:CPU merges equal upcasts and writes one feeding two reductions out whole as
-    a float32 copy (twice the logits' size, and its page faults on every call).
+    a float32 copy (twice the logits' size, and its page faults on every call). XLA:CPU only;
+    elsewhere ``exact()``.
     """
     if not low_precision(raw) and spec.logit_softcap is None:
-        value = fast()
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(value)]))
-        return lax.cond(finite, lambda: value, exact)
-    return lax.cond(_no_impossible(raw), fast, exact)
+        def checked_fast():
+            value = fast()
+            leaves = jax.tree.leaves(value)
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
+            return lax.cond(finite, lambda: value, exact)
+
+        return xla_cpu_form(checked_fast, exact)
+    return xla_cpu_form(lambda: lax.cond(_no_impossible(raw), fast, exact), exact)
 
 
 def low_precision(raw) -> bool:
@@ -130,10 +150,15 @@ def in_row_blocks(fn, raw, *rows, blocked: bool = True):
     4 MiB of float32), not the logits' size. bfloat16 blocks enter as bits and are upcast by
     them: XLA turns the converts of the blocks into one convert of the whole array before the
     loop. ``blocked=False`` computes ``fn`` on the whole batch at once (the caller knows it
-    shares no upcast or select).
+    shares no upcast or select), and so do backends other than XLA:CPU.
     """
     if not blocked:
         return fn(raw, *rows)
+    return xla_cpu_form(lambda: _blocks_of_rows(fn, raw, rows), lambda: fn(raw, *rows))
+
+
+def _blocks_of_rows(fn, raw, rows):
+    """:func:`in_row_blocks`' XLA:CPU form: ``fn`` over blocks of rows with ``lax.map``."""
     batch = raw.shape[:-1]
     bits = lambda x: lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
     unbits = lambda x: upcast_unshared(x) if x.dtype == jnp.uint16 else x
@@ -165,10 +190,14 @@ def count_possible(raw, mask, class_weights, spec: Spec):
         counts = sums(raw, mask)
     else:
         first = upcast_unshared(raw[..., 0])  # (a row vector from data, see if_all_finite)
-        counts = lax.cond(
-            _no_impossible(raw),
-            lambda: (0.0 * first + raw.shape[-1], 0.0 * first + jnp.sum(w)),
-            lambda: in_row_blocks(lambda raw: sums(raw, None), raw, blocked=low_precision(raw)),
+        exact = lambda: in_row_blocks(lambda raw: sums(raw, None), raw, blocked=low_precision(raw))
+        counts = xla_cpu_form(
+            lambda: lax.cond(
+                _no_impossible(raw),
+                lambda: (0.0 * first + raw.shape[-1], 0.0 * first + jnp.sum(w)),
+                exact,
+            ),
+            exact,
         )
     return tuple(class_sum(c, spec) for c in counts)
 
@@ -185,17 +214,21 @@ def capped_logits(raw, mask, spec: Spec):
     return masked_fill(z, possible_classes(raw, mask))
 
 
-def smoothed_targets(labels, mask, possible, class_weights, spec: Spec, dtype, num_possible, columns=None):
+def smoothed_targets(
+    labels, mask, possible, class_weights, spec: Spec, dtype, num_possible, columns=None, *,
+    scattered: bool,
+):
     """``(u, t)``: the smoothed labels u and the weighted targets t = w * u.
 
     Soft labels are masked by the user's ``mask`` (masked entries take no part, as in optax);
     an integer label is never masked away, so a label on a masked or -inf class meets a -inf
-    logit and gives +inf (probability 0), not a silent 0. Sparse labels give only the
-    smoothing's share (``(None, None)`` without smoothing): their k entries are added to the
-    cotangent by a scatter (``row_cotangents``), never as an [N, K] array.
+    logit and gives +inf (probability 0), not a silent 0. ``scattered`` (always for sparse
+    labels) gives only the smoothing's share (``(None, None)`` without smoothing): the labels'
+    entries are added to the cotangent by a scatter (``row_cotangents``), never as an [N, K]
+    array; otherwise an integer label's target comes from comparing an iota with it.
     """
     eps = spec.label_smoothing
-    if spec.sparse_labels:
+    if spec.sparse_labels or (spec.integer_labels and scattered):
         if not eps:
             return None, None
         u = jnp.where(possible, eps / jnp.maximum(num_possible, 1.0)[..., None], 0.0)

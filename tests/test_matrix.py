@@ -11,7 +11,7 @@ few ``shard_map`` runs on 8 simulated devices). Environment variables:
 - ``JAXCE_MATRIX_CASES=n``: the slice's size (default 200, pinned cases included);
 - ``JAXCE_MATRIX_SEED=s``: another deterministic slice;
 - ``JAXCE_MATRIX_LOG=path``: append one JSON line per failing case (for triage);
-- ``JAXCE_FULL_MATRIX=1``: the whole valid product instead (about 12.5 million cases, weeks of
+- ``JAXCE_FULL_MATRIX=1``: the whole valid product instead (about 25 million cases, weeks of
   CPU: split it with ``JAXCE_MATRIX_SHARD=i/n``, which keeps every n-th case from the i-th;
   a larger ``JAXCE_MATRIX_CASES`` is the practical middle ground).
 
@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jaxce
+from jaxce import _row_sums
 
 # ----------------------------------------------------------------------------------------------
 # The dimensions of the matrix.
@@ -63,6 +64,8 @@ DIMS = {
     "K": (5, 300),
     "x": (None, "random", "identity"),
     "block": (None, 4),
+    # "plain": the forms compiled for backends other than XLA:CPU (jaxce._row_sums.CPU_FORMS)
+    "forms": ("cpu", "plain"),
 }
 NAMES = tuple(DIMS)
 DTYPES = {
@@ -97,6 +100,7 @@ class Case:
     K: int = 5
     x: str | None = None
     block: int | None = None
+    forms: str = "cpu"
 
     @property
     def integer(self):
@@ -150,6 +154,7 @@ class Case:
         parts += [f"K={self.K}"] if self.K != 5 else []
         parts += [f"x={self.x}"] if self.x else []
         parts += [f"block={self.block}"] if self.block else []
+        parts += ["plain-forms"] if self.forms == "plain" else []
         return "-".join(parts)
 
 
@@ -208,11 +213,11 @@ def out_of_range_values(c: Case):
 # The slice: lazy product, pairwise cover, seeded sample, pinned cases.
 
 
-FREE = ("base", "reduction", "cw")  # dimensions no validity rule looks at: innermost
+FREE = ("base", "reduction", "cw", "forms")  # dimensions no validity rule looks at: innermost
 
 
 def full_product():
-    """Every valid case, lazily (about 12.5 million: for sharded runs, see the module doc)."""
+    """Every valid case, lazily (about 25 million: for sharded runs, see the module doc)."""
     names = [n for n in NAMES if n not in FREE]
     for values in itertools.product(*(DIMS[n] for n in names)):
         d = dict(zip(names, values))
@@ -313,6 +318,15 @@ PINNED = [
         reduction="mean",
         aux=True,
     ),
+    # the other backends' forms on the edge regimes (no lax.cond, no row blocks)
+    Case(kind="int32", dtype="bfloat16", regime="neginf", labels="impossible", ls=0.1,
+         reduction="none", forms="plain"),
+    Case(kind="soft", regime="allneginf", cap="on", ls=0.1, reduction="sum", forms="plain"),
+    Case(kind="int32", regime="large", ls=0.1, zl=0.01, reduction="mean", forms="plain"),
+    Case(kind="int32", path="fused", x="random", regime="neginf", block=4, ls=0.1,
+         reduction="mean", forms="plain"),
+    Case(kind="int32", path="sharded", regime="neginf", ls=0.1, reduction="mean",
+         forms="plain"),
     # shard_map on a 2 x 4 (data x model) mesh of simulated devices
     Case(
         kind="int32",
@@ -939,11 +953,23 @@ def check_case(c: Case):
 CASES = selected_cases()
 
 
+@contextlib.contextmanager
+def cpu_forms(on: bool):
+    """XLA:CPU's forms (``on``) or the other backends' (see ``jaxce._row_sums.xla_cpu_form``)."""
+    saved = _row_sums.CPU_FORMS
+    _row_sums.CPU_FORMS = on
+    try:
+        yield
+    finally:
+        _row_sums.CPU_FORMS = saved
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matrix(case):
     log = os.environ.get("JAXCE_MATRIX_LOG")  # one JSON line per failing case, for triage
     try:
-        errors, a, _, _ = check_case(case)
+        with cpu_forms(case.forms == "cpu"):
+            errors, a, _, _ = check_case(case)
     except Exception as e:
         if log:
             with open(log, "a") as f:
