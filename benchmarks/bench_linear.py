@@ -198,11 +198,11 @@ def cut_cross_entropy(x, wt, y):
     return jax_cce.linear_cross_entropy(x, wt, y)
 
 
-def walk(n, d, v, block_size):
+def walk(n, d, v, dtype, block_size):
     """How the step walks: "fused" (gradients in the row sweep) or "tiled" (a column sweep)."""
     block = block_size or _sweeps.default_block_size(n, v)
     rows, cols = _sweeps.tile_shape(n, d, v, block)
-    fused = _sweeps.fuses_gradients(v, block, (rows, cols))
+    fused = _sweeps.fuses_gradients(v, block, (rows, cols), dtype)
     return f"fused, block {block}" if fused else f"tiled {rows}x{cols}"
 
 
@@ -299,7 +299,7 @@ def sweep_table(args):
         name = jnp.dtype(dtype).name
         temps[mem_n, mem_d, v, name] = mem
         line = (
-            f"{tn:>6}{td:>6}{v:>8}{name:>10}  {walk(tn, td, v, args.block_size):<20}"
+            f"{tn:>6}{td:>6}{v:>8}{name:>10}  {walk(tn, td, v, dtype, args.block_size):<20}"
             f"{1e3 * statistics.median(tb):>10.1f}{ratio:>12.2f}"
             f"{f'{lo:.2f}-{hi:.2f}':>11}{cce[0]:>10}{cce[1]:>10}{mem[0] / MIB:>10.1f}{cce[2]:>9}"
             f"{mem[1] / MIB:>10.1f}  {', '.join(failed) or 'met'}"

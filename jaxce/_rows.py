@@ -342,7 +342,7 @@ def row_cotangents(
     )
     possible = possible_classes(z, mask)
     capped = masked_fill(softcap(z, spec), possible)
-    u, t = targets(possible)
+    u = targets(possible)[0]
     log_p = normalizer.log_probs(capped)
     lse = finite_or_zero(normalizer.lse)
     coef = g_loss * (target_mass + 2.0 * spec.z_loss * lse) + g_lse
