@@ -327,9 +327,8 @@ def row_cotangents(
     # XLA:CPU has no 16-bit scatter, and scattering its bits costs a copy of dz. Where dz feeds
     # matmuls (the fused loss's blocks), the comparison fuses into its producer, and a scatter
     # would keep the block's logits and dz both (twice the scratch).
-    scattered = spec.sparse_labels or (
-        spec.integer_labels and scatter and jnp.dtype(dtype or z.dtype).itemsize > 2
-    )
+    wide = jnp.dtype(dtype or z.dtype).itemsize > 2
+    scattered = spec.sparse_labels or (spec.integer_labels and scatter and wide)
     if scattered:
         entries = labels if spec.sparse_labels else SparseLabels(
             labels[..., None], jnp.ones(labels.shape + (1,), z.dtype)
@@ -369,18 +368,21 @@ def row_cotangents(
     def dense(select: bool):
         """``cotangent`` over all classes, built from ``z`` (a cond's operands are written
         out); ``select=False`` gives an impossible class (-inf) its 0 by exp(-inf) = 0 alone,
-        which holds without a mask, a softcap or dense targets, in rows of finite ``coef``."""
+        which holds without a mask, a softcap or dense targets, in rows of finite ``coef``.
+        In ``dtype`` (a cond's float32 result would be written out before its rounding)."""
         possible = possible_classes(z, mask)
         capped = masked_fill(softcap(z, spec), possible) if select else z
         t = targets(possible)[1]
-        return cotangent(normalizer.log_probs(capped), t, capped, possible if select else None)
+        dz = cotangent(normalizer.log_probs(capped), t, capped, possible if select else None)
+        return dz if dtype is None else dz.astype(dtype)
 
-    if mask is not None or spec.logit_softcap is not None or not scattered:
+    if mask is not None or spec.logit_softcap is not None or not (scattered and wide):
         dz = dense(True)
     else:
         # XLA:CPU does not vectorise the compare and selects well: they took a third of the
         # backward's time at N=4096 V=32768 float32. Only NaN rows (labels out of range) need
-        # them, to keep their impossible classes at 0.
+        # them, to keep their impossible classes at 0. (Not for a 16-bit dz: the cond's result
+        # would be a second copy of it besides the one its scattered bits make.)
         dz = xla_cpu_form(
             lambda: lax.cond(
                 jnp.all(jnp.isfinite(coef)), lambda: dense(False), lambda: dense(True)
@@ -401,10 +403,10 @@ def row_cotangents(
         dweights = jnp.sum(neg_log_p(u), axis=tuple(range(z.ndim - 1)))
     if scattered:  # (the entries are written in the final dtype)
         dz, dlabels, dweights = _entry_cotangents(
-            dz if dtype is None else dz.astype(dtype), dweights, cotangent, (raw, index, held),
+            dz, dweights, cotangent, (raw, index, held),
             entries, mask, class_weights, normalizer, num_possible, g_loss, bad, spec, columns,
         )
-    return (dz if dtype is None else dz.astype(dtype)), dlabels, dweights
+    return dz, dlabels, dweights
 
 
 def sparse_outside(labels: SparseLabels, num_classes: int) -> jax.Array:
