@@ -32,6 +32,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from ._checked import check_labels, check_sparse_labels
+from ._entries import entry_weight_cotangents, local_entries, sparse_outside
 from ._options import (
     check_segments,
     check_weights,
@@ -41,7 +42,6 @@ from ._options import (
     make_options,
     sparse_labels,
 )
-from ._rows import entry_weight_cotangents, local_entries, sparse_outside
 from ._spec import SparseLabels, aval_varying_axes, class_shards, sum_like, vary_over
 from ._sweeps import (
     cast_grads,
