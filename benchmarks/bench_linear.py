@@ -75,7 +75,7 @@ import optax
 from _timing import machine, paired_times, rotated_times  # benchmarks/_timing.py
 
 import jaxce
-from jaxce import _sweeps
+from jaxce import _sweeps, _tiles
 
 try:
     import jax_cce  # the peer (Cut Cross-Entropy in JAX): pip install "jaxce[bench]"
@@ -201,7 +201,7 @@ def cut_cross_entropy(x, wt, y):
 def walk(n, d, v, dtype, block_size):
     """How the step walks: "fused" (gradients in the row sweep) or "tiled" (a column sweep)."""
     block = block_size or _sweeps.default_block_size(n, v)
-    rows, cols = _sweeps.tile_shape(n, d, v, block)
+    rows, cols = _tiles.tile_shape(n, d, v, block)
     fused = _sweeps.fuses_gradients(v, block, (rows, cols), dtype)
     return f"fused, block {block}" if fused else f"tiled {rows}x{cols}"
 

@@ -49,9 +49,8 @@ from ._sweeps import (
     fuses_gradients,
     linear_inputs,
     sweep_rows,
-    tile_shape,
-    tiled_grads,
 )
+from ._tiles import tile_shape, tiled_grads
 from ._validation import compute_dtype, static_number
 
 ENTRY_BYTES = 16 * 2**20

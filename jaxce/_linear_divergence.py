@@ -6,7 +6,7 @@ the same rows (read from the given array, or computed from the teacher's head: o
 matmul) give the row mathematics of :mod:`jaxce._divergence` (both normalisers, the
 divergence and the row sums its gradient needs), and only those O(N) numbers are kept. The
 backward pass is the cross-entropy's column-tiled gradient sweep
-(:func:`jaxce._sweeps.tiled_grads`) with the student's closed-form cotangent on each tile of
+(:func:`jaxce._tiles.tiled_grads`) with the student's closed-form cotangent on each tile of
 columns: the student's logits are recomputed (and the teacher's, from its head), four
 matmuls in all (five with a teacher head), against the naive code's three (four).
 """
@@ -34,14 +34,13 @@ from ._divergence import (
 )
 from ._options import Options, check_segments, check_weights, counted_rows, finish
 from ._sweeps import (
-    _logits,
+    block_logits,
     cast_grads,
     default_block_size,
     linear_inputs,
     row_block_outputs,
-    tile_shape,
-    tiled_grads,
 )
+from ._tiles import tile_shape, tiled_grads
 from ._validation import check_floating, check_shape, compute_dtype
 
 
@@ -83,7 +82,7 @@ def _teacher_logits(rows, teacher_w, teacher_bias, columns=None):
         if teacher_bias is not None:
             teacher_bias = lax.dynamic_slice_in_dim(teacher_bias, *columns, axis=0)
     dtype = compute_dtype(jnp.result_type(rows.dtype, teacher_w.dtype))
-    return _logits(rows, teacher_w, teacher_bias, dtype)
+    return block_logits(rows, teacher_w, teacher_bias, dtype)
 
 
 def _sweep(x, w, bias, teacher, mask, spec: DivergenceSpec, block: int):
@@ -94,7 +93,7 @@ def _sweep(x, w, bias, teacher, mask, spec: DivergenceSpec, block: int):
     size = min(block, n)
 
     def block_fn(start):
-        z_s = _logits(lax.dynamic_slice_in_dim(x, start, size), w, bias, dtype)
+        z_s = block_logits(lax.dynamic_slice_in_dim(x, start, size), w, bias, dtype)
         rows = lax.dynamic_slice_in_dim(rows_in, start, size)
         z_t = _teacher_logits(rows, teacher_w, teacher_bias)
         norm_s, norm_t = normalizer(z_s, mask, spec), normalizer(z_t, mask, spec)
@@ -106,7 +105,7 @@ def _sweep(x, w, bias, teacher, mask, spec: DivergenceSpec, block: int):
 
 
 def _tile_cotangents(spec, teacher, z, rows, mask, class_weights, stats, g, g_unused, columns):
-    """A tile's ``(dz, None)`` for :func:`jaxce._sweeps.tiled_grads`: the student's cotangent
+    """A tile's ``(dz, None)`` for :func:`jaxce._tiles.tiled_grads`: the student's cotangent
     on the columns ``[start, start + cols)``, given the rows' saved statistics."""
     _, teacher_w, teacher_bias = teacher
     shift_s, log_sum_s, shift_t, log_sum_t, *sums = stats

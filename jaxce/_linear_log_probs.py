@@ -6,7 +6,7 @@ block's logits :math:`z_b = x_b w + b` (one matmul) give the row statistics of
 :mod:`jaxce._log_probs` (the maximum :math:`M`, :math:`\log s`, the entropy and the label's
 logit), and only those O(N) numbers are kept. The cotangents of the two outputs are unknown
 until the backward pass, which therefore recomputes the logits: it is the cross-entropy's
-column-tiled gradient sweep (:func:`jaxce._sweeps.tiled_grads`) with the log-probabilities'
+column-tiled gradient sweep (:func:`jaxce._tiles.tiled_grads`) with the log-probabilities'
 closed-form cotangents, :math:`dx_b \mathrel{+}= dz\, w_t^\top` and :math:`dw_t = \sum_b
 x_b^\top dz`. Four matmuls in all, one more than the naive code's three.
 """
@@ -31,14 +31,13 @@ from ._log_probs import (
 from ._options import Options, counted_rows, integer_labels
 from ._row_sums import in_row_blocks
 from ._sweeps import (
-    _logits,
+    block_logits,
     cast_grads,
     default_block_size,
     linear_inputs,
     row_block_outputs,
-    tile_shape,
-    tiled_grads,
 )
+from ._tiles import tile_shape, tiled_grads
 from ._validation import compute_dtype
 
 
@@ -51,7 +50,7 @@ def _sweep(x, w, bias, labels, mask, ls: LogProbSpec, block: int):
     def block_fn(start):
         xb = lax.dynamic_slice_in_dim(x, start, size)
         yb = lax.dynamic_slice_in_dim(labels, start, size)
-        z = _logits(xb, w, bias, dtype)
+        z = block_logits(xb, w, bias, dtype)
         capped_y, found = label_capped_logit(z, yb, mask, ls)
         # The entropy's two sums share the exponentials, which XLA:CPU writes out whole: in
         # smaller blocks of rows (see in_row_blocks) that scratch is a fraction of the block's.
@@ -63,7 +62,7 @@ def _sweep(x, w, bias, labels, mask, ls: LogProbSpec, block: int):
 
 
 def _tile_cotangents(ls, z, labels, mask, class_weights, stats, g_log_prob, g_entropy, columns):
-    """A tile's ``(dz, None)`` for :func:`jaxce._sweeps.tiled_grads` (no class weights)."""
+    """A tile's ``(dz, None)`` for :func:`jaxce._tiles.tiled_grads` (no class weights)."""
     return label_cotangents(z, labels, mask, stats, g_log_prob, g_entropy, ls, columns), None
 
 

@@ -1,9 +1,9 @@
-r"""Sweeps over the logits ``x @ w + bias`` a block of rows or a tile of columns at a time.
+r"""Sweeps over the logits ``x @ w + bias`` a block of rows at a time.
 
 Accumulating :math:`dw` over the blocks of rows reads and writes all of ``dw`` [D, V] once per
 block, and the default block shrinks as 1/V: that traffic grows as V². Above a few tens of
 thousands of classes (blocks of fewer than :data:`FUSED_MIN_ROWS` rows), the gradients are
-therefore computed by a second sweep over *tiles of columns* (:func:`tiled_grads`, after Cut
+therefore computed by a second sweep over *tiles of columns* (:func:`jaxce._tiles.tiled_grads`, after Cut
 Cross-Entropy): given each row's saved normaliser, a tile's cotangents need only the tile's
 logits (``row_cotangents`` on a column slice), so for each tile ``dw[:, tile] = x^T dz`` is
 written once and ``dx += dz w[:, tile]^T`` accumulates in a small [N, D] buffer; the rows of a
@@ -20,7 +20,6 @@ overlaps the one before; the overlapped rows' per-example outputs are recomputed
 values) and their gradients are counted once: nothing is padded or copied, ``w`` least of all.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,16 +45,6 @@ FILTER_COLUMNS = 512
 """With ``gradient_filter`` the gradients are accumulated (and skipped) in slabs of at most this
 many columns: narrow enough that the few likely classes of a block of rows leave most slabs to
 skip, wide enough for efficient matmuls (measured in ``benchmarks/bench_linear.py``)."""
-
-TILE_BYTES = 2 * 2**20
-"""The column-tiled gradient sweep (:func:`tiled_grads`) takes tiles of columns whose slice of
-``w`` (``D x tile`` float32) holds about this many bytes (at least :data:`MIN_TILE_COLUMNS`; XLA:CPU keeps a
-few such ``[D, tile]`` buffers: the slice of ``w``, of ``dw``, their products), each tile walked
-in blocks of rows: ``dw[:, tile]`` is then written once instead of read and written by every
-block of rows."""
-
-MIN_TILE_COLUMNS = 128
-"""The narrowest tile of columns (a wide ``D`` would otherwise make inefficient matmuls)."""
 
 FUSED_MIN_ROWS = 256
 """With a scalar reduction, blocks of at least this many rows (or classes that fit in one tile) compute the gradients in the forward sweep itself (three matmuls); smaller blocks,
@@ -84,7 +73,7 @@ def default_block_size(num_rows: int, num_classes: int) -> int:
 # shared mathematics of _rows.py turns them into statistics and cotangents.
 
 
-def _logits(xb, w, bias, dtype):
+def block_logits(xb, w, bias, dtype):
     z = lax.dot_general(xb, w, (((1,), (0,)), ((), ())), preferred_element_type=dtype)
     return z if bias is None else z + bias.astype(dtype)
 
@@ -161,7 +150,7 @@ def _blocks(total, size, fn, carry):
     return carry
 
 
-def _row_blocks(total, size, fn, carry):
+def row_blocks(total, size, fn, carry):
     """``fn(start, skip, carry)`` over the rows ``[0, total)`` in blocks of the static ``size``.
 
     ``0 < size <= total``. The last block starts at ``total - size``: a ragged batch re-reads the
@@ -224,7 +213,7 @@ def linear_inputs(x, w, bias, where, block_size, opts: Options):
 
 def row_block_outputs(n: int, size: int, block_fn, count: int, dtype):
     """``count`` per-example outputs [n] of ``block_fn(start) -> count arrays [size]`` (the
-    rows ``[start, start + size)``), over blocks of rows (:func:`_row_blocks`; an overlapped
+    rows ``[start, start + size)``), over blocks of rows (:func:`row_blocks`; an overlapped
     last block rewrites the same values)."""
 
     def body(start, skip, rows):
@@ -232,7 +221,7 @@ def row_block_outputs(n: int, size: int, block_fn, count: int, dtype):
         return tuple(lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, new))
 
     rows = tuple(jnp.zeros((n,), dtype) for _ in range(count))
-    return _row_blocks(n, size, body, rows) if n else rows
+    return row_blocks(n, size, body, rows) if n else rows
 
 
 def _varying_like(fn, carry):
@@ -250,17 +239,6 @@ def _varying_like(fn, carry):
 
     jax.eval_shape(probe, carry)
     return jax.tree.map(lambda a, ax: vary_over(a, ax - varying_axes(a)), carry, axes[0])
-
-
-def tile_shape(num_rows: int, num_features: int, num_classes: int, block: int) -> tuple[int, int]:
-    """``(rows, columns)`` of the column-tiled gradient sweep: tiles of about
-    :data:`TILE_BYTES` of ``w``, walked in blocks of rows holding as many elements as a
-    ``block x num_classes`` block of the row sweep (the same scratch)."""
-    cols = TILE_BYTES // (4 * max(num_features, 1)) // 128 * 128
-    cols = max(MIN_TILE_COLUMNS, cols)
-    cols = max(1, min(num_classes, cols))
-    rows = max(1, min(num_rows, max(block, block * num_classes // cols)))
-    return rows, cols
 
 
 def fuses_gradients(num_classes: int, block: int, tile, dtype) -> bool:
@@ -283,7 +261,7 @@ def _add_rows(dx, dxb, start):
     return lax.dynamic_update_slice_in_dim(dx, rows, start, 0)
 
 
-def _block_products(dx, dw, xb, w, dz, start, fresh, g_loss, g_lse, gradient_filter, want,
+def block_products(dx, dw, xb, w, dz, start, fresh, g_loss, g_lse, gradient_filter, want,
                     dtype, add_dw):
     """A block's share of the gradients: ``dx[start:] += dz w^T`` and ``dw = add_dw(dw, xb,
     dz)`` (``x_b^T dz`` into the row sweep's ``[D, V]`` or a tile's ``[D, cols]``), each if
@@ -334,7 +312,7 @@ def sweep_rows(
         rows, acc = carry
         xb = lax.dynamic_slice_in_dim(x, start, size)
         yb = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size), labels)
-        z = _logits(xb, w, bias, dtype)
+        z = block_logits(xb, w, bias, dtype)
         if compute_stats:
             st = row_stats(z, yb, mask, class_weights, spec)
             norm, mass, count = st.normalizer, st.target_mass, st.num_possible
@@ -356,7 +334,7 @@ def sweep_rows(
             )
             dx, dw, db, dcw_acc = acc
             add_dw = lambda dw, xb, dzl: _add_outer(dw, xb, dzl, dtype)
-            dx, dw = _block_products(
+            dx, dw = block_products(
                 dx, dw, xb, w, dz, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
             )
             if want_db:
@@ -381,15 +359,15 @@ def sweep_rows(
             None if class_weights is None else jnp.zeros_like(class_weights),
         )
     if n:
-        rows, acc = _row_blocks(n, size, body, (rows, acc))
+        rows, acc = row_blocks(n, size, body, (rows, acc))
     if compute_stats:
         loss, shift, log_sum, mass, count, correct = rows
         rows = (loss, Normalizer(shift, log_sum), mass, count, correct)
-    acc = _sum_shards(acc, opts) if grads_on else (None, None, None, None)
+    acc = sum_shards(acc, opts) if grads_on else (None, None, None, None)
     return rows, acc
 
 
-def _sum_shards(grads, opts: Options):
+def sum_shards(grads, opts: Options):
     """The gradients summed over the shards that each held a part of them."""
     dx, dw, db, dcw = grads
     if dx is not None and opts.spec.class_axis_name is not None:
@@ -399,134 +377,6 @@ def _sum_shards(grads, opts: Options):
             None if g is None else lax.psum(g, opts.batch_axis_name) for g in (dw, db, dcw)
         )
     return dx, dw, db, dcw
-
-
-def tiled_grads(
-    x, w, bias, labels, mask, class_weights, opts: Options, tile, stats, g_loss, g_lse, want,
-    gradient_filter=None, cotangents=None,
-):
-    """The gradients ``(dx, dw, dbias, dclass_weights)`` a tile of columns at a time.
-
-    Given the saved ``stats = (normalizer, target_mass, num_possible)`` and the per-example
-    cotangents ``g_loss`` (and ``g_lse``, None for 0), walk over tiles of ``cols`` columns
-    (``tile = (rows, cols)``) and, inside each, over blocks of ``rows`` rows: the block's
-    logits ``z = x_b w_t + b_t``, ``dz`` in closed form (``row_cotangents`` on a column
-    slice), ``dx_b += dz w_t^T``, and ``dw_t += x_b^T dz`` into a ``[D, cols]`` buffer that is
-    written into ``dw`` once per tile. Same blocks of rows as :func:`sweep_rows`, so the scratch
-    is ``rows x cols`` whatever V is.
-
-    A ragged last tile starts at ``V - cols`` and overlaps the tile before it: its ``dw``,
-    ``dbias`` and ``dclass_weights`` columns are rewritten (the same sums), and the overlapped
-    columns' ``w`` is zeroed in ``dx``'s product so that ``dx`` counts them once. A ragged
-    last block of rows overlaps likewise, its already counted rows getting cotangent 0.
-
-    ``cotangents`` (None: the cross-entropy's, :func:`loss_cotangents`) computes a block's
-    ``(dz, dclass_weights)`` as ``cotangents(z, labels, mask, class_weights, stats, g_loss,
-    g_lse, columns)`` from its logits ``z`` on the column slice ``columns = (start, V)``, the
-    slices of ``mask`` and ``class_weights``, and the rows of ``stats`` (any pytree of
-    per-example arrays), ``g_loss`` and ``g_lse``: other row functionals reuse the sweep.
-    """
-    spec = opts.spec
-    if cotangents is None:
-        cotangents = functools.partial(loss_cotangents, spec)
-    n, d = x.shape
-    num_classes = w.shape[1]
-    rows, cols = tile
-    rows, cols = min(rows, n), min(cols, num_classes)
-    dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
-    want_dx, want_dw, want_db = want
-    dw_dtype = w.dtype if opts.batch_axis_name is None else dtype
-    cut = lambda a, start: None if a is None else lax.dynamic_slice_in_dim(a, start, cols, -1)
-    put = lambda a, part, start: (
-        None if a is None
-        else lax.dynamic_update_slice_in_dim(a, part.astype(a.dtype), start, a.ndim - 1)
-    )
-
-    def tile_body(col, col_skip, carry):
-        dx, dw, db, dcw = carry
-        wt, bt, mt, cwt = (cut(a, col) for a in (w_bits, bias, mask, class_weights))
-        wt = from_bits(wt, w.dtype)
-        # dx's share of the columns the previous tile counted: 0 (their dw etc. are rewritten).
-        fresh_cols = lax.broadcasted_iota(jnp.int32, (cols,), 0) >= col_skip
-        wdx = jnp.where(fresh_cols, wt, jnp.zeros((), wt.dtype)) if want_dx else wt
-
-        def block_body(start, skip, acc):
-            dx, dwt, dbt, dcwt = acc
-            xb = lax.dynamic_slice_in_dim(x, start, rows)
-            yb = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, rows), labels)
-            block_stats = jax.tree.map(lambda r: lax.dynamic_slice_in_dim(r, start, rows), stats)
-            fresh = lax.broadcasted_iota(jnp.int32, (rows,), 0) >= skip
-            gb = lax.dynamic_slice_in_dim(g_loss, start, rows)
-            glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, rows)
-            gb, glb = jnp.where(fresh, gb, 0.0), jnp.where(fresh, glb, 0.0)
-            z = _logits(xb, wt, bt, dtype)
-            dz, dcw_b = cotangents(z, yb, mt, cwt, block_stats, gb, glb, (col, num_classes))
-            add_dw = lambda dwt, xb, dzl: dwt + lax.dot_general(
-                xb, dzl, (((0,), (0,)), ((), ())), preferred_element_type=dtype
-            )
-            dx, dwt = _block_products(
-                dx, dwt, xb, wdx, dz, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
-            )
-            if want_db:
-                dbt = dbt + jnp.sum(dz, axis=0)
-            if dcw_b is not None:
-                dcwt = dcwt + dcw_b
-            return dx, dwt, dbt, dcwt
-
-        acc = (
-            dx,
-            jnp.zeros((d, cols), dtype) if want_dw else None,
-            jnp.zeros((cols,), dtype) if want_db else None,
-            None if class_weights is None else jnp.zeros((cols,), class_weights.dtype),
-        )
-        dx, dwt, dbt, dcwt = _row_blocks(n, rows, block_body, acc)
-        dwt = None if dwt is None else to_bits(dwt.astype(dw_dtype))
-        return dx, put(dw, dwt, col), put(db, dbt, col), put(dcw, dcwt, col)
-
-    grads = (
-        # dx sums a share per tile: float32 whatever x's dtype.
-        jnp.zeros(x.shape, dtype) if want_dx else None,
-        # Each tile's columns are summed in float32 and written once: stored in w's dtype,
-        # unless the shards' parts are still to be summed.
-        to_bits(jnp.zeros(w.shape, dw_dtype)) if want_dw else None,
-        jnp.zeros((num_classes,), dtype) if want_db else None,
-        None if class_weights is None else jnp.zeros_like(class_weights),
-    )
-    w_bits = to_bits(w)
-    if n and num_classes:
-        grads = _row_blocks(num_classes, cols, tile_body, grads)
-    dx, dw, db, dcw = grads
-    dw = None if dw is None else from_bits(dw, dw_dtype)
-    return _sum_shards((dx, dw, db, dcw), opts)
-
-
-def to_bits(a):
-    """A 16-bit float array as its bits (uint16); other dtypes unchanged.
-
-    XLA:CPU has no 16-bit float slices and updates: it converts the *whole* array to float32
-    around each one (all of ``dw`` per tile), or hoists the conversion of a loop-invariant
-    ``w`` out of the loop (a float32 copy of ``w`` in temp memory). Integer slices are native
-    everywhere; XLA:CPU still copies ``w``'s bits once (``D x V`` 16-bit temp, a quarter of
-    what the float32 ``dw`` and ``w`` held), other backends read them in place. Measured at
-    N=2048 D=256 V=65536 bfloat16: 0.56x the naive time with 68 MiB of temp, against 0.62x
-    with 142 MiB (float32 ``dw``) and 1.02x with 100 MiB (16-bit ``dw`` updated as floats).
-    """
-    return lax.bitcast_convert_type(a, jnp.uint16) if jnp.finfo(a.dtype).bits == 16 else a
-
-
-def from_bits(a, dtype):
-    """The inverse of :func:`to_bits`."""
-    return lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a
-
-
-def loss_cotangents(spec, z, labels, mask, class_weights, stats, g_loss, g_lse, columns):
-    """The cross-entropy's ``(dz, dclass_weights)`` on a tile: ``row_cotangents`` given the
-    saved ``stats = (normalizer, target_mass, num_possible)`` (see :func:`tiled_grads`)."""
-    norm, mass, count = stats
-    dz, _, dcw = row_cotangents(
-        z, labels, mask, class_weights, norm, mass, count, g_loss, g_lse, spec, columns=columns
-    )
-    return dz, dcw
 
 
 def cast_grads(grads, x, w, bias, class_weights):

@@ -14,7 +14,7 @@ import pytest
 from scipy.special import logsumexp
 
 import jaxce
-from jaxce import _sweeps
+from jaxce import _sweeps, _tiles
 
 IGNORE = -100
 
@@ -669,8 +669,8 @@ def test_temp_memory_flat_in_ragged_n(reduction, block_size, ragged, aligned):
 
 def force_column_tiles(monkeypatch, cols):
     """Tiles of ``cols`` columns, and the tiled sweep for the scalar reductions too."""
-    monkeypatch.setattr(_sweeps, "TILE_BYTES", 1)
-    monkeypatch.setattr(_sweeps, "MIN_TILE_COLUMNS", cols)
+    monkeypatch.setattr(_tiles, "TILE_BYTES", 1)
+    monkeypatch.setattr(_tiles, "MIN_TILE_COLUMNS", cols)
     monkeypatch.setattr(_sweeps, "FUSED_MIN_ROWS", 2**30)
 
 
@@ -683,7 +683,7 @@ def test_column_tiles_match_unchunked(rng, monkeypatch, v, reduction, gradient_f
     unchunked loss's with every option at once."""
     force_column_tiles(monkeypatch, 8)
     n = 13
-    assert _sweeps.tile_shape(n, 6, v, 4) == (max(4, min(n, 4 * v // min(v, 8))), min(v, 8))
+    assert _tiles.tile_shape(n, 6, v, 4) == (max(4, min(n, 4 * v // min(v, 8))), min(v, 8))
     with jax.enable_x64(True):
         masked = (2, 7) if v > 7 else (2,)
         x, w, b, y = make_problem(rng, n=n, v=v, ignored=(1, 6), masked=masked)

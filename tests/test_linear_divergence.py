@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jaxce
-from jaxce import _sweeps
+from jaxce import _sweeps, _tiles
 
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
 N, D, DT, V = 13, 6, 4, 21
@@ -70,8 +70,8 @@ def test_fused_equals_in_place_in_float64(kind, reduction, teacher_form, block_s
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("v", [8, 21, 5])  # one tile, 2 + a ragged 5, narrower than one tile
 def test_column_tiles_match_in_place(monkeypatch, kind, v):
-    monkeypatch.setattr(_sweeps, "TILE_BYTES", 1)
-    monkeypatch.setattr(_sweeps, "MIN_TILE_COLUMNS", 8)
+    monkeypatch.setattr(_tiles, "TILE_BYTES", 1)
+    monkeypatch.setattr(_tiles, "MIN_TILE_COLUMNS", 8)
     with jax.enable_x64(True):
         x, w, b, tx, tw, _tb = problem(1, v=v)
         fused = lambda x, w, b: jaxce.linear_softmax_divergence(

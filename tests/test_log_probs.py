@@ -21,7 +21,7 @@ from jax.test_util import check_grads
 from scipy.special import log_softmax
 
 import jaxce
-from jaxce import _sweeps
+from jaxce import _tiles
 
 IGNORE = -100
 N, K, D = 12, 16, 6
@@ -468,8 +468,8 @@ def test_fused_matches_references(rng, temperature, softcap, block_size):
 
 def force_column_tiles(monkeypatch, cols):
     """Tiles of ``cols`` columns in the backward's column sweep (as tests/test_linear.py)."""
-    monkeypatch.setattr(_sweeps, "TILE_BYTES", 1)
-    monkeypatch.setattr(_sweeps, "MIN_TILE_COLUMNS", cols)
+    monkeypatch.setattr(_tiles, "TILE_BYTES", 1)
+    monkeypatch.setattr(_tiles, "MIN_TILE_COLUMNS", cols)
 
 
 @pytest.mark.parametrize("v", [16, 21])  # two tiles of 8; two and a ragged, overlapping one

@@ -1,0 +1,170 @@
+r"""The column-tiled gradient sweep over the logits ``x @ w + bias`` (after Cut Cross-Entropy).
+
+Accumulating :math:`dw` over the blocks of rows (:mod:`jaxce._sweeps`) reads and writes all
+of ``dw`` [D, V] once per block, and the default block shrinks as 1/V: that traffic grows as
+V². Given each row's saved normaliser, a tile's cotangents need only the tile's logits
+(``row_cotangents`` on a column slice), so for each tile of columns ``dw[:, tile] = x^T dz`` is
+written once and ``dx += dz w[:, tile]^T`` accumulates in a small [N, D] buffer; the rows of a
+tile are walked in blocks too, so the scratch stays ``rows x cols`` (as many elements as a
+block of the row sweep). One more matmul (the logits again), no traffic growing as V².
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._options import Options
+from ._rows import row_cotangents
+from ._sweeps import block_logits, block_products, row_blocks, sum_shards
+from ._validation import compute_dtype
+
+TILE_BYTES = 2 * 2**20
+"""The column-tiled gradient sweep (:func:`tiled_grads`) takes tiles of columns whose slice of
+``w`` (``D x tile`` float32) holds about this many bytes (at least :data:`MIN_TILE_COLUMNS`; XLA:CPU keeps a
+few such ``[D, tile]`` buffers: the slice of ``w``, of ``dw``, their products), each tile walked
+in blocks of rows: ``dw[:, tile]`` is then written once instead of read and written by every
+block of rows."""
+
+MIN_TILE_COLUMNS = 128
+"""The narrowest tile of columns (a wide ``D`` would otherwise make inefficient matmuls)."""
+
+
+def tile_shape(num_rows: int, num_features: int, num_classes: int, block: int) -> tuple[int, int]:
+    """``(rows, columns)`` of the column-tiled gradient sweep: tiles of about
+    :data:`TILE_BYTES` of ``w``, walked in blocks of rows holding as many elements as a
+    ``block x num_classes`` block of the row sweep (the same scratch)."""
+    cols = TILE_BYTES // (4 * max(num_features, 1)) // 128 * 128
+    cols = max(MIN_TILE_COLUMNS, cols)
+    cols = max(1, min(num_classes, cols))
+    rows = max(1, min(num_rows, max(block, block * num_classes // cols)))
+    return rows, cols
+
+
+def tiled_grads(
+    x, w, bias, labels, mask, class_weights, opts: Options, tile, stats, g_loss, g_lse, want,
+    gradient_filter=None, cotangents=None,
+):
+    """The gradients ``(dx, dw, dbias, dclass_weights)`` a tile of columns at a time.
+
+    Given the saved ``stats = (normalizer, target_mass, num_possible)`` and the per-example
+    cotangents ``g_loss`` (and ``g_lse``, None for 0), walk over tiles of ``cols`` columns
+    (``tile = (rows, cols)``) and, inside each, over blocks of ``rows`` rows: the block's
+    logits ``z = x_b w_t + b_t``, ``dz`` in closed form (``row_cotangents`` on a column
+    slice), ``dx_b += dz w_t^T``, and ``dw_t += x_b^T dz`` into a ``[D, cols]`` buffer that is
+    written into ``dw`` once per tile. Same blocks of rows as :func:`sweep_rows`, so the scratch
+    is ``rows x cols`` whatever V is.
+
+    A ragged last tile starts at ``V - cols`` and overlaps the tile before it: its ``dw``,
+    ``dbias`` and ``dclass_weights`` columns are rewritten (the same sums), and the overlapped
+    columns' ``w`` is zeroed in ``dx``'s product so that ``dx`` counts them once. A ragged
+    last block of rows overlaps likewise, its already counted rows getting cotangent 0.
+
+    ``cotangents`` (None: the cross-entropy's, :func:`loss_cotangents`) computes a block's
+    ``(dz, dclass_weights)`` as ``cotangents(z, labels, mask, class_weights, stats, g_loss,
+    g_lse, columns)`` from its logits ``z`` on the column slice ``columns = (start, V)``, the
+    slices of ``mask`` and ``class_weights``, and the rows of ``stats`` (any pytree of
+    per-example arrays), ``g_loss`` and ``g_lse``: other row functionals reuse the sweep.
+    """
+    spec = opts.spec
+    if cotangents is None:
+        cotangents = functools.partial(loss_cotangents, spec)
+    n, d = x.shape
+    num_classes = w.shape[1]
+    rows, cols = tile
+    rows, cols = min(rows, n), min(cols, num_classes)
+    dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
+    want_dx, want_dw, want_db = want
+    dw_dtype = w.dtype if opts.batch_axis_name is None else dtype
+    cut = lambda a, start: None if a is None else lax.dynamic_slice_in_dim(a, start, cols, -1)
+    put = lambda a, part, start: (
+        None if a is None
+        else lax.dynamic_update_slice_in_dim(a, part.astype(a.dtype), start, a.ndim - 1)
+    )
+
+    def tile_body(col, col_skip, carry):
+        dx, dw, db, dcw = carry
+        wt, bt, mt, cwt = (cut(a, col) for a in (w_bits, bias, mask, class_weights))
+        wt = from_bits(wt, w.dtype)
+        # dx's share of the columns the previous tile counted: 0 (their dw etc. are rewritten).
+        fresh_cols = lax.broadcasted_iota(jnp.int32, (cols,), 0) >= col_skip
+        wdx = jnp.where(fresh_cols, wt, jnp.zeros((), wt.dtype)) if want_dx else wt
+
+        def block_body(start, skip, acc):
+            dx, dwt, dbt, dcwt = acc
+            xb = lax.dynamic_slice_in_dim(x, start, rows)
+            yb = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, rows), labels)
+            block_stats = jax.tree.map(lambda r: lax.dynamic_slice_in_dim(r, start, rows), stats)
+            fresh = lax.broadcasted_iota(jnp.int32, (rows,), 0) >= skip
+            gb = lax.dynamic_slice_in_dim(g_loss, start, rows)
+            glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, rows)
+            gb, glb = jnp.where(fresh, gb, 0.0), jnp.where(fresh, glb, 0.0)
+            z = block_logits(xb, wt, bt, dtype)
+            dz, dcw_b = cotangents(z, yb, mt, cwt, block_stats, gb, glb, (col, num_classes))
+            add_dw = lambda dwt, xb, dzl: dwt + lax.dot_general(
+                xb, dzl, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+            )
+            dx, dwt = block_products(
+                dx, dwt, xb, wdx, dz, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
+            )
+            if want_db:
+                dbt = dbt + jnp.sum(dz, axis=0)
+            if dcw_b is not None:
+                dcwt = dcwt + dcw_b
+            return dx, dwt, dbt, dcwt
+
+        acc = (
+            dx,
+            jnp.zeros((d, cols), dtype) if want_dw else None,
+            jnp.zeros((cols,), dtype) if want_db else None,
+            None if class_weights is None else jnp.zeros((cols,), class_weights.dtype),
+        )
+        dx, dwt, dbt, dcwt = row_blocks(n, rows, block_body, acc)
+        dwt = None if dwt is None else to_bits(dwt.astype(dw_dtype))
+        return dx, put(dw, dwt, col), put(db, dbt, col), put(dcw, dcwt, col)
+
+    grads = (
+        # dx sums a share per tile: float32 whatever x's dtype.
+        jnp.zeros(x.shape, dtype) if want_dx else None,
+        # Each tile's columns are summed in float32 and written once: stored in w's dtype,
+        # unless the shards' parts are still to be summed.
+        to_bits(jnp.zeros(w.shape, dw_dtype)) if want_dw else None,
+        jnp.zeros((num_classes,), dtype) if want_db else None,
+        None if class_weights is None else jnp.zeros_like(class_weights),
+    )
+    w_bits = to_bits(w)
+    if n and num_classes:
+        grads = row_blocks(num_classes, cols, tile_body, grads)
+    dx, dw, db, dcw = grads
+    dw = None if dw is None else from_bits(dw, dw_dtype)
+    return sum_shards((dx, dw, db, dcw), opts)
+
+
+def to_bits(a):
+    """A 16-bit float array as its bits (uint16); other dtypes unchanged.
+
+    XLA:CPU has no 16-bit float slices and updates: it converts the *whole* array to float32
+    around each one (all of ``dw`` per tile), or hoists the conversion of a loop-invariant
+    ``w`` out of the loop (a float32 copy of ``w`` in temp memory). Integer slices are native
+    everywhere; XLA:CPU still copies ``w``'s bits once (``D x V`` 16-bit temp, a quarter of
+    what the float32 ``dw`` and ``w`` held), other backends read them in place. Measured at
+    N=2048 D=256 V=65536 bfloat16: 0.56x the naive time with 68 MiB of temp, against 0.62x
+    with 142 MiB (float32 ``dw``) and 1.02x with 100 MiB (16-bit ``dw`` updated as floats).
+    """
+    return lax.bitcast_convert_type(a, jnp.uint16) if jnp.finfo(a.dtype).bits == 16 else a
+
+
+def from_bits(a, dtype):
+    """The inverse of :func:`to_bits`."""
+    return lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a
+
+
+def loss_cotangents(spec, z, labels, mask, class_weights, stats, g_loss, g_lse, columns):
+    """The cross-entropy's ``(dz, dclass_weights)`` on a tile: ``row_cotangents`` given the
+    saved ``stats = (normalizer, target_mass, num_possible)`` (see :func:`tiled_grads`)."""
+    norm, mass, count = stats
+    dz, _, dcw = row_cotangents(
+        z, labels, mask, class_weights, norm, mass, count, g_loss, g_lse, spec, columns=columns
+    )
+    return dz, dcw
