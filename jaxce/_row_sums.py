@@ -226,12 +226,14 @@ def smoothed_targets(
     labels) gives only the smoothing's share (``(None, None)`` without smoothing): the labels'
     entries are added to the cotangent by a scatter (``row_cotangents``), never as an [N, K]
     array; otherwise an integer label's target comes from comparing an iota with it.
+    ``possible`` None: every class is possible (the smoothing's share is a row broadcast).
     """
     eps = spec.label_smoothing
     if spec.sparse_labels or (spec.integer_labels and scattered):
         if not eps:
             return None, None
-        u = jnp.where(possible, eps / jnp.maximum(num_possible, 1.0)[..., None], 0.0)
+        share = eps / jnp.maximum(num_possible, 1.0)[..., None]
+        u = share if possible is None else jnp.where(possible, share, 0.0)
         return u, (u if class_weights is None else u * class_weights)
     if spec.integer_labels:
         u = (class_ids(possible.shape[-1], spec, columns) == labels[..., None]).astype(dtype)

@@ -368,11 +368,12 @@ def row_cotangents(
     def dense(select: bool):
         """``cotangent`` over all classes, built from ``z`` (a cond's operands are written
         out); ``select=False`` gives an impossible class (-inf) its 0 by exp(-inf) = 0 alone,
-        which holds without a mask, a softcap or dense targets, in rows of finite ``coef``.
+        which holds without a mask, a softcap or dense targets, in rows of finite ``coef``
+        (and, with smoothing, whose share would go to every class, where all are possible).
         In ``dtype`` (a cond's float32 result would be written out before its rounding)."""
         possible = possible_classes(z, mask)
         capped = masked_fill(softcap(z, spec), possible) if select else z
-        t = targets(possible)[1]
+        t = targets(possible if select else None)[1]
         dz = cotangent(normalizer.log_probs(capped), t, capped, possible if select else None)
         return dz if dtype is None else dz.astype(dtype)
 
@@ -383,10 +384,11 @@ def row_cotangents(
         # backward's time at N=4096 V=32768 float32. Only NaN rows (labels out of range) need
         # them, to keep their impossible classes at 0. (Not for a 16-bit dz: the cond's result
         # would be a second copy of it besides the one its scattered bits make.)
+        fast = jnp.all(jnp.isfinite(coef))
+        if spec.label_smoothing:
+            fast &= jnp.all(num_possible == num_classes)
         dz = xla_cpu_form(
-            lambda: lax.cond(
-                jnp.all(jnp.isfinite(coef)), lambda: dense(False), lambda: dense(True)
-            ),
+            lambda: lax.cond(fast, lambda: dense(False), lambda: dense(True)),
             lambda: dense(True),
         )
     g = g_loss[..., None]
