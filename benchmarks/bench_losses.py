@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 import jaxce
-from _timing import paired_times  # benchmarks/_timing.py (the script's folder)
+from _timing import machine, paired_times  # benchmarks/_timing.py (the script's folder)
 
 IGNORE = -100
 MIB = 2**20
@@ -150,6 +150,7 @@ def main(argv=None):
         f"({jax.device_count()} x {jax.devices()[0].device_kind}); N={n} V={v}; "
         f"{repeats} timed pairs after {args.warmup} warm-up calls each"
     )
+    print(machine())
     print()
 
     smooth = dict(label_smoothing=0.1, z_loss=1e-4, ignore_index=IGNORE)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib.version
 import numpy as np
-from _timing import paired_times  # benchmarks/_timing.py (the script's folder)
+from _timing import machine, paired_times  # benchmarks/_timing.py (the script's folder)
 
 import jaxce
 
@@ -80,6 +80,7 @@ def main(argv=None):
         f"{jax.devices()[0].device_kind}); N={n} V={v}; {repeats} timed pairs after "
         f"{args.warmup} warm-up calls each"
     )
+    print(machine())
     print()
     sparse = lambda z, i, a: jaxce.softmax_cross_entropy_with_sparse_labels(
         z, i, a, reduction="mean")
