@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._information import xdiff
-from ._row_sums import softcap
+from ._row_sums import from_bits, softcap, to_bits
 from ._spec import SparseLabels, Spec, class_offset, class_sum
 
 
@@ -104,17 +104,13 @@ def entry_cotangents(dz, dweights, cotangent, gathered, labels: SparseLabels, ma
                           0.0)
     capped = jnp.where(possible, softcap(raw, spec), -jnp.inf)
     values = cotangent(log_p, u * weight, capped, possible).astype(dz.dtype)
-    # A 16-bit dz is scattered as bits: XLA:CPU has no bfloat16 scatter and would scatter into
-    # a float32 copy of dz ([N, K] of temp memory), rounding it afterwards.
-    half = jnp.dtype(dz.dtype).itemsize == 2
-    bits = lambda x: lax.bitcast_convert_type(x, jnp.uint16) if half else x
-    flat = bits(dz).reshape(-1, num_local)
+    # A 16-bit dz is scattered as bits (XLA:CPU would scatter into a float32 copy of dz, [N, K]
+    # of temp memory, and round it afterwards).
+    flat = to_bits(dz).reshape(-1, num_local)
     rows = lax.broadcasted_iota(jnp.int32, (flat.shape[0], index.shape[-1]), 0)
     target = jnp.where(held, index, num_local).reshape(rows.shape)  # out of bounds: dropped
-    flat = flat.at[rows, target].set(bits(values).reshape(rows.shape), mode="drop")
-    dz = flat.reshape(dz.shape)
-    if half:
-        dz = lax.bitcast_convert_type(dz, values.dtype)
+    flat = flat.at[rows, target].set(to_bits(values).reshape(rows.shape), mode="drop")
+    dz = from_bits(flat.reshape(dz.shape), values.dtype)
     if class_weights is not None:
         scale = g_loss[..., None] * (1.0 - spec.label_smoothing) * a
         entry = jnp.where(part, xdiff(scale, 0.0, log_p), 0.0)

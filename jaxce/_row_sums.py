@@ -34,6 +34,21 @@ def upcast_unshared(x: jax.Array) -> jax.Array:
     return x.astype(compute_dtype(x.dtype))
 
 
+def to_bits(a: jax.Array) -> jax.Array:
+    """A 16-bit float array as its bits (uint16); other dtypes unchanged.
+
+    XLA:CPU has no 16-bit float slices, updates or scatters: it converts the *whole* array to
+    float32 around each one (or hoists a float32 copy of a loop-invariant operand out of the
+    loop). Integer ones are native on every backend, and a bitcast costs nothing there.
+    """
+    return lax.bitcast_convert_type(a, jnp.uint16) if jnp.finfo(a.dtype).bits == 16 else a
+
+
+def from_bits(a: jax.Array, dtype) -> jax.Array:
+    """The inverse of :func:`to_bits`: ``a`` as ``dtype`` if it holds 16-bit bits."""
+    return lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a
+
+
 def softcap(z: jax.Array, spec: Spec) -> jax.Array:
     r""":math:`c \tanh(z / c)` (Gemma 2's logit soft-capping), or ``z`` when no cap is set."""
     c = spec.logit_softcap

@@ -1,17 +1,13 @@
 r"""Sweeps over the logits ``x @ w + bias`` a block of rows at a time.
 
+With ``"mean"``/``"sum"`` the gradients are accumulated in the same sweep (three matmuls).
 Accumulating :math:`dw` over the blocks of rows reads and writes all of ``dw`` [D, V] once per
-block, and the default block shrinks as 1/V: that traffic grows as V². Above a few tens of
-thousands of classes (blocks of fewer than :data:`FUSED_MIN_ROWS` rows), the gradients are
-therefore computed by a second sweep over *tiles of columns* (:func:`jaxce._tiles.tiled_grads`, after Cut
-Cross-Entropy): given each row's saved normaliser, a tile's cotangents need only the tile's
-logits (``row_cotangents`` on a column slice), so for each tile ``dw[:, tile] = x^T dz`` is
-written once and ``dx += dz w[:, tile]^T`` accumulates in a small [N, D] buffer; the rows of a
-tile are walked in blocks too, so the scratch stays ``rows x cols`` (as many elements as a
-block of the row sweep). One more matmul (the logits again), no traffic growing as V². The
-statistics sweep over blocks of rows is unchanged, so the loss is the same number either way.
-``reduction="none"`` (and a differentiated ``return_aux``) recomputes its gradients with the
-same column sweep; with at most one tile of classes it is the row sweep.
+block, and the default block shrinks as 1/V: that traffic grows as V². Blocks of fewer than
+:data:`FUSED_MIN_ROWS` rows (and 16-bit weights beyond one tile) therefore take the gradients
+from a second sweep over tiles of columns (:mod:`jaxce._tiles`); ``reduction="none"`` (and a
+differentiated ``return_aux``) recomputes its gradients with that sweep beyond one tile of
+classes. The statistics sweep over blocks of rows is the same either way, so the loss is the
+same number.
 
 The temporaries of a block are a few ``block_size x V`` float32 arrays; the default
 ``block_size`` keeps them near :data:`BLOCK_BYTES` whatever V is, so the scratch memory stays
@@ -19,7 +15,6 @@ flat in V and in N. When ``block_size`` does not divide N, the last block ends a
 overlaps the one before; the overlapped rows' per-example outputs are recomputed (the same
 values) and their gradients are counted once: nothing is padded or copied, ``w`` least of all.
 """
-
 
 import jax
 import jax.numpy as jnp
@@ -261,13 +256,26 @@ def _add_rows(dx, dxb, start):
     return lax.dynamic_update_slice_in_dim(dx, rows, start, 0)
 
 
-def block_products(dx, dw, xb, w, dz, start, fresh, g_loss, g_lse, gradient_filter, want,
+def block_row_cotangents(g_loss, g_lse, start: int, size: int, skip):
+    """``(fresh, g_loss, g_lse)`` of the rows ``[start, start + size)`` (``g_lse`` None reads
+    as 0). The first ``skip`` rows, which a previous block already counted, are not ``fresh``
+    and get cotangent 0: dz, and with it their share of every gradient, is 0 (as for an
+    ignored row)."""
+    fresh = lax.broadcasted_iota(jnp.int32, (size,), 0) >= skip
+    gb = lax.dynamic_slice_in_dim(g_loss, start, size)
+    glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, size)
+    return fresh, jnp.where(fresh, gb, 0.0), jnp.where(fresh, glb, 0.0)
+
+
+def add_block_grads(grads, xb, w, dz, dcw, start, fresh, g_loss, g_lse, gradient_filter, want,
                     dtype, add_dw):
-    """A block's share of the gradients: ``dx[start:] += dz w^T`` and ``dw = add_dw(dw, xb,
-    dz)`` (``x_b^T dz`` into the row sweep's ``[D, V]`` or a tile's ``[D, cols]``), each if
-    ``want``-ed; with ``gradient_filter`` the column slabs with negligible ``dz`` are skipped
-    (the rows already counted, not ``fresh``, get an infinite floor: they keep no slab)."""
-    want_dx, want_dw = want[0], want[1]
+    """A block's share added to ``grads = (dx, dw, dbias, dclass_weights)``: ``dx[start:] +=
+    dz w^T`` and ``dw = add_dw(dw, xb, dz)`` (``x_b^T dz`` into the row sweep's ``[D, V]`` or a
+    tile's ``[D, cols]``), each if ``want``-ed, ``dbias += sum(dz)`` and the block's ``dcw``;
+    with ``gradient_filter`` the column slabs with negligible ``dz`` are skipped (the rows
+    already counted, not ``fresh``, get an infinite floor: they keep no slab)."""
+    dx, dw, db, dcw_acc = grads
+    want_dx, want_dw, want_db = want
     if gradient_filter is not None and (want_dx or want_dw):
         floor = jnp.where(fresh, gradient_filter * (jnp.abs(g_loss) + jnp.abs(g_lse)), jnp.inf)
         dxb = jnp.zeros((xb.shape[0], xb.shape[1]), dtype) if want_dx else None
@@ -281,7 +289,11 @@ def block_products(dx, dw, xb, w, dz, start, fresh, g_loss, g_lse, gradient_filt
             dw = add_dw(dw, xb, dzl)
     if want_dx:
         dx = _add_rows(dx, dxb, start)
-    return dx, dw
+    if want_db:
+        db = db + jnp.sum(dz, axis=0)
+    if dcw is not None:
+        dcw_acc = dcw_acc + dcw
+    return dx, dw, db, dcw_acc
 
 
 def sweep_rows(
@@ -323,25 +335,14 @@ def sweep_rows(
                 lambda r: lax.dynamic_slice_in_dim(r, start, size), stats
             )
         if grads_on:
-            # The rows a previous block already counted get cotangent 0: dz, and with it their
-            # share of dx, dw, dbias and dclass_weights, is 0 (as for an ignored row).
-            fresh = lax.broadcasted_iota(jnp.int32, (size,), 0) >= skip
-            gb = lax.dynamic_slice_in_dim(g_loss, start, size)
-            glb = jnp.zeros_like(gb) if g_lse is None else lax.dynamic_slice_in_dim(g_lse, start, size)
-            gb, glb = jnp.where(fresh, gb, 0.0), jnp.where(fresh, glb, 0.0)
+            fresh, gb, glb = block_row_cotangents(g_loss, g_lse, start, size, skip)
             dz, _, dcw = row_cotangents(
                 z, yb, mask, class_weights, norm, mass, count, gb, glb, spec
             )
-            dx, dw, db, dcw_acc = acc
             add_dw = lambda dw, xb, dzl: _add_outer(dw, xb, dzl, dtype)
-            dx, dw = block_products(
-                dx, dw, xb, w, dz, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
+            acc = add_block_grads(
+                acc, xb, w, dz, dcw, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
             )
-            if want_db:
-                db = db + jnp.sum(dz, axis=0)
-            if dcw is not None:
-                dcw_acc = dcw_acc + dcw
-            acc = (dx, dw, db, dcw_acc)
         return rows, acc
 
     rows = ()
