@@ -45,6 +45,7 @@ from ._options import (
     logits_in_rows,
     make_options,
 )
+from ._row_sums import sum_exp
 from ._softmax import move_axes_last
 from ._spec import class_max, class_sum
 from ._validation import check_floating, check_shape, compute_dtype, static_number
@@ -94,7 +95,7 @@ def normalizer(z, mask, spec: DivergenceSpec):
     z = tempered(z, mask, spec)
     top = class_max(jnp.max(z, axis=-1), spec)
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
-    log_sum = jnp.log(class_sum(jnp.sum(jnp.exp(z - shift[..., None]), axis=-1), spec))
+    log_sum = jnp.log(class_sum(sum_exp(z, shift), spec))
     return shift, log_sum
 
 

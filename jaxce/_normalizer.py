@@ -10,6 +10,7 @@ from ._row_sums import (
     capped_logits,
     if_all_finite,
     in_row_blocks,
+    sum_exp,
 )
 from ._softmax import finite_or_zero
 from ._spec import (
@@ -49,7 +50,7 @@ class Normalizer(NamedTuple):
 
 def shifted_normalizer(z, shift, spec: Spec) -> Normalizer:
     """:math:`\\log \\sum_k e^{z_k - c}` of -inf-masked logits ``z`` for a finite shift c (all shards)."""
-    log_sum = jnp.log(class_sum(jnp.sum(jnp.exp(z - shift[..., None]), axis=-1), spec))
+    log_sum = jnp.log(class_sum(sum_exp(z, shift), spec))
     return Normalizer(shift, log_sum)
 
 

@@ -88,6 +88,43 @@ def xla_cpu_form(cpu, plain):
     return lax.platform_dependent(cpu=cpu, default=plain)
 
 
+ROW_CHUNK = 32768
+"""The longest row XLA:CPU sums at full speed (see :func:`sum_exp`)."""
+
+
+def row_chunk(num_classes: int) -> int | None:
+    """The chunk :func:`sum_exp` cuts rows of ``num_classes`` into on XLA:CPU: the largest
+    divisor of ``num_classes`` in [ROW_CHUNK / 32, ROW_CHUNK] (1024 to 32768 classes), or None
+    (rows that short, or no such divisor: summed whole)."""
+    if num_classes <= ROW_CHUNK:
+        return None
+    shortest = max(ROW_CHUNK // 32, 1)
+    return next((c for c in range(ROW_CHUNK, shortest - 1, -1) if num_classes % c == 0), None)
+
+
+def sum_exp(z, shift):
+    r""":math:`\sum_k e^{z_k - c}` over the last axis of ``z`` [..., K] for a row shift c [...].
+
+    XLA:CPU: rows longer than :data:`ROW_CHUNK` are summed as chunks, rows of a 2D [N·K/C, C]
+    array (a bitcast of ``z``), whose partial sums are then added per row. Measured on an
+    AVX-512 Xeon, ``sum(exp(z - c))`` costs 0.4 ns per element on rows of up to 32768 classes
+    and 2.6-3.3 ns beyond (N·K = 2^26 float32); chunked rows of 131072 classes cost 0.4 ns.
+    Only the 2D form with the shift given per chunk row is fast (a [N, K/C, C] view is not).
+    """
+    plain = lambda: jnp.sum(jnp.exp(z - shift[..., None]), axis=-1)
+    chunk = row_chunk(z.shape[-1])
+    if chunk is None:
+        return plain()
+
+    def chunked():
+        chunks = z.shape[:-1] + (z.shape[-1] // chunk,)
+        chunk_shift = jnp.broadcast_to(shift[..., None], chunks).reshape(-1, 1)
+        partial = jnp.sum(jnp.exp(z.reshape(-1, chunk) - chunk_shift), axis=-1)
+        return jnp.sum(partial.reshape(chunks), axis=-1)
+
+    return xla_cpu_form(chunked, plain)
+
+
 def possible_indicator(z):
     """1 for a logit above -inf, 0 for -inf, as ``min(exp(z - lowest), 1)``: no compare.
 

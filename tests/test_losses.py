@@ -318,6 +318,63 @@ def test_optax_parity_integer(rng):
     )
 
 
+@pytest.mark.parametrize(
+    "num_classes, chunk",
+    [(32768, None), (65536, 32768), (131072, 32768), (128256, 32064), (151936, 18992),
+     (262144, 32768), (50257, 1733), (65537, None)],
+)
+def test_row_chunk_divides_long_rows(num_classes, chunk):
+    # Llama 3's 128256 and Qwen's 151936 classes, GPT-2's 50257 = 29 x 1733; the prime 65537
+    # has no divisor in [1024, 32768]: its rows are summed whole.
+    from jaxce._row_sums import row_chunk
+
+    assert row_chunk(num_classes) == chunk
+
+
+@pytest.mark.parametrize("num_classes", [98304, 65537])  # chunks of 32768; a prime: whole rows
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("forms", ["cpu", "plain"])
+def test_rows_longer_than_a_chunk(rng, num_classes, dtype, forms, monkeypatch):
+    """Rows beyond jaxce._row_sums.ROW_CHUNK classes (summed in chunks on XLA:CPU) against
+    float64: values and gradients of both label kinds, with -inf logits in every chunk, a
+    row whose label is the only possible class and one whose label is impossible."""
+    from jaxce import _row_sums
+
+    monkeypatch.setattr(_row_sums, "CPU_FORMS", forms == "cpu")
+    n = 4
+    z = (rng.normal(size=(n, num_classes)) * 3).astype(np.float32)
+    z[rng.random(z.shape) < 0.01] = -np.inf
+    y = rng.integers(0, num_classes, size=n)
+    z[0, y[0]] = 5.0
+    z[1] = -np.inf
+    z[1, y[1]] = 0.0  # the only possible class: loss 0, gradient 0
+    z[2, y[2]] = -np.inf  # an impossible label: loss +inf
+    z = np.asarray(jnp.asarray(z, dtype).astype(jnp.float32), np.float64)  # what dtype holds
+    top = z.max(axis=-1, keepdims=True)
+    lse = (top + np.log(np.exp(z - top).sum(axis=-1, keepdims=True)))[:, 0]
+    p = np.exp(z - lse[:, None])
+    onehot = np.zeros_like(z)
+    onehot[np.arange(n), y] = 1.0
+    soft = 0.5 * onehot + 0.5 * (p > 0) / (p > 0).sum(axis=-1, keepdims=True)
+    zj = jnp.asarray(z, dtype)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-3)
+    expected = lse - z[np.arange(n), y]
+    # fresh functions: jax.jit(ce_int) would be traced once, under the other forms' setting
+    np.testing.assert_allclose(jax.jit(lambda z: ce_int(z, y))(zj), expected, rtol=1e-5)
+    grad_int = jax.jit(jax.grad(lambda z: ce_int(z, jnp.asarray(y))[jnp.asarray([0, 1, 3])].sum()))(zj)
+    expected_grad = (p - onehot) * np.array([1.0, 1.0, 0.0, 1.0])[:, None]
+    np.testing.assert_allclose(np.asarray(grad_int, np.float64), expected_grad, **tol)
+    sj = jnp.asarray(soft[[0, 1, 3]], jnp.float32)
+    zs = zj[jnp.asarray([0, 1, 3])]
+    finite = np.where(soft[[0, 1, 3]] > 0, z[[0, 1, 3]], 0.0)
+    expected_soft = (soft[[0, 1, 3]] * (lse[[0, 1, 3], None] - finite)).sum(axis=-1)
+    np.testing.assert_allclose(jax.jit(lambda z: ce_soft(z, sj))(zs), expected_soft, rtol=1e-5)
+    grad_soft = jax.jit(jax.grad(lambda z: ce_soft(z, sj).sum()))(zs)
+    np.testing.assert_allclose(
+        np.asarray(grad_soft, np.float64), p[[0, 1, 3]] - soft[[0, 1, 3]], **tol
+    )
+
+
 def test_integer_per_example_where_of_batch_shape(rng):
     z = rng.normal(size=(4, 5)).astype(np.float32)
     y = rng.integers(0, 5, size=4)

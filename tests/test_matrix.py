@@ -955,13 +955,16 @@ CASES = selected_cases()
 
 @contextlib.contextmanager
 def cpu_forms(on: bool):
-    """XLA:CPU's forms (``on``) or the other backends' (see ``jaxce._row_sums.xla_cpu_form``)."""
-    saved = _row_sums.CPU_FORMS
-    _row_sums.CPU_FORMS = on
+    """XLA:CPU's forms (``on``) or the other backends' (see ``jaxce._row_sums.xla_cpu_form``).
+
+    XLA:CPU's forms sum rows in chunks of at most 4 classes here (``ROW_CHUNK``, 32768 in
+    use), so that both K (5: chunks of 1; 300: of 4) take the chunked sums."""
+    saved = _row_sums.CPU_FORMS, _row_sums.ROW_CHUNK
+    _row_sums.CPU_FORMS, _row_sums.ROW_CHUNK = on, 4
     try:
         yield
     finally:
-        _row_sums.CPU_FORMS = saved
+        _row_sums.CPU_FORMS, _row_sums.ROW_CHUNK = saved
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
