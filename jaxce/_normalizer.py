@@ -10,6 +10,7 @@ from ._row_sums import (
     capped_logits,
     if_all_finite,
     in_row_blocks,
+    reduce_rows,
     sum_exp,
 )
 from ._softmax import finite_or_zero
@@ -59,8 +60,8 @@ def row_max(raw, z, mask, spec: Spec) -> jax.Array:
     if mask is None and spec.logit_softcap is None:
         # The max of the raw dtype is exact; taken before the upcast, XLA fuses the upcast into
         # each pass instead of writing an upcast copy of the (bf16) logits.
-        return class_max(jnp.max(raw, axis=-1).astype(z.dtype), spec)
-    return class_max(jnp.max(z, axis=-1), spec)
+        return class_max(reduce_rows(lambda r: r, (raw,), op=jnp.max).astype(z.dtype), spec)
+    return class_max(reduce_rows(lambda z: z, (z,), op=jnp.max), spec)
 
 
 def peak_shift(top):

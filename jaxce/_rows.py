@@ -56,6 +56,7 @@ from ._row_sums import (
     low_precision,
     possible_classes,
     possible_indicator,
+    reduce_rows,
     smoothed_targets,
     softcap,
     unless_impossible,
@@ -105,7 +106,7 @@ def _smoothing_sums(raw, z, mask, class_weights, shift, spec: Spec):
         return jnp.sum(possible, axis=-1, dtype=dtype), jnp.sum(wm, axis=-1), gap
 
     def all_possible():
-        gap = jnp.sum(w * (shift[..., None] - raw.astype(dtype)), axis=-1)
+        gap = reduce_rows(lambda r, c, w: w * (c - r.astype(dtype)), (raw,), (shift,), (w,))
         zero = 0.0 * gap  # (a row vector from data, see if_all_finite)
         return zero + z.shape[-1], zero + jnp.sum(w), gap
 
@@ -207,7 +208,7 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
     """
     dtype = compute_dtype(raw.dtype)
     eps = spec.label_smoothing
-    w = 1.0 if class_weights is None else class_weights
+    w = jnp.ones(raw.shape[-1:], dtype) if class_weights is None else class_weights
     num_possible = weight_possible = None
     if eps:
         num_possible, weight_possible = count_possible(raw, mask, class_weights, spec)
@@ -222,11 +223,14 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
     def fast():
         # Every class is possible here: the smoothing's term is eps / K sum_k w_k (M - z_k),
         # a sum of its own (its targets, shared with the backward pass, would be written out).
-        z = softcap(raw.astype(dtype), spec)
-        gap = jnp.sum(w * labels.astype(dtype) * (top[..., None] - z), axis=-1)
+        z = lambda raw: softcap(raw.astype(dtype), spec)
+        gap = reduce_rows(
+            lambda r, y, m, w: w * y.astype(dtype) * (m - z(r)), (raw, labels), (top,), (w,)
+        )
         if not eps:
             return gap
-        spread = -jnp.sum(w * (z - top[..., None]), axis=-1)  # (not the broadcast above)
+        # (not the broadcast above)
+        spread = -reduce_rows(lambda r, m, w: w * (z(r) - m), (raw,), (top,), (w,))
         return (1.0 - eps) * gap + eps * spread / jnp.maximum(num_possible, 1.0)
 
     selects = mask is None and (bool(eps) or spec.logit_softcap is not None)
