@@ -89,11 +89,11 @@ def xla_cpu_form(cpu, plain):
 
 
 ROW_CHUNK = 32768
-"""The longest row XLA:CPU sums at full speed (see :func:`sum_exp`)."""
+"""The longest row XLA:CPU reduces at full speed (see :func:`reduce_rows`)."""
 
 
 def row_chunk(num_classes: int) -> int | None:
-    """The chunk :func:`sum_exp` cuts rows of ``num_classes`` into on XLA:CPU: the largest
+    """The chunk :func:`reduce_rows` cuts rows of ``num_classes`` into on XLA:CPU: the largest
     divisor of ``num_classes`` in [ROW_CHUNK / 32, ROW_CHUNK] (1024 to 32768 classes), or None
     (rows that short, or no such divisor: summed whole)."""
     if num_classes <= ROW_CHUNK:
