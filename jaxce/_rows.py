@@ -123,22 +123,29 @@ def _label_logit(raw, labels, mask, spec: Spec):
     """``(z_y, found)``: the label's capped logit (-inf on an impossible class), O(N).
 
     Gathered from the raw logits and capped / masked afterwards, so that the capped, masked
-    [N, K] logits need not be materialised for the gather. ``found`` counts the classes
-    matching the label: 0 for a label outside [0, K), whose logit is then -inf.
+    [N, K] logits need not be materialised for the gather.
     """
     # bfloat16 logits are gathered as bits (see upcast_unshared).
     values = lax.bitcast_convert_type(raw, jnp.uint16) if raw.dtype == jnp.bfloat16 else raw
     raw_label_logit, found = label_lookup(values, labels, spec, upcast_unshared)
+    return capped_label_logit(raw_label_logit, found, labels, mask, spec)
+
+
+def capped_label_logit(raw_label_logit, found, labels, mask, spec: Spec):
+    """``(z_y, found)`` from the label's raw logit, gathered (and summed) from the slices of
+    classes that hold it, and ``found``, how many hold it: 0 for a label outside [0, K), whose
+    logit is then -inf. Capped, and -inf on an impossible (masked or -inf) class."""
     label_possible = (raw_label_logit > -jnp.inf) & (found == 1)
     if mask is not None:
         label_possible &= label_lookup(mask.astype(jnp.int32), labels, spec)[0] > 0
     return jnp.where(label_possible, softcap(raw_label_logit, spec), -jnp.inf), found
 
 
-def _integer_terms(raw, z, labels, mask, class_weights, label_logit, found, shift, spec: Spec):
+def _integer_terms(labels, class_weights, label_logit, found, shift, smoothing, spec: Spec):
     """``(T, sum_k t_k (c - z_k), K_m)`` for integer labels and the normaliser's shift c.
 
-    O(N) but for label smoothing (K_m is None without it). With :math:`b = (1 - \\varepsilon) w_y` and :math:`e = \\varepsilon / K_m`:
+    O(N) given ``smoothing``, the class sums of :func:`_smoothing_sums` (None without it; K_m is
+    None then). With :math:`b = (1 - \\varepsilon) w_y` and :math:`e = \\varepsilon / K_m`:
     :math:`T = b + e \\sum_k w_k m_k` and the gap is
     :math:`b (c - z_y) + e \\sum_k w_k m_k (c - z_k)`; only the smoothing needs class sums.
     """
@@ -146,7 +153,7 @@ def _integer_terms(raw, z, labels, mask, class_weights, label_logit, found, shif
     # b = 0 for a label outside [0, K), as the iota comparison of the backward pass finds no class.
     b = jnp.where(found == 1, (1.0 - spec.label_smoothing) * weight, 0.0)
     # b * (c - z_y): 0 for a label of weight 0, +inf for a label on an impossible class.
-    return _smoothed_terms(b, xdiff(b, shift, label_logit), raw, z, mask, class_weights, shift, spec)
+    return _smoothed_terms(b, xdiff(b, shift, label_logit), smoothing, spec)
 
 
 def _entry_logits(raw, labels: SparseLabels, mask, spec: Spec):
@@ -161,6 +168,12 @@ def _entry_logits(raw, labels: SparseLabels, mask, spec: Spec):
     """
     values = lax.bitcast_convert_type(raw, jnp.uint16) if raw.dtype == jnp.bfloat16 else raw
     raw_logits, found = label_lookup(values, labels.indices, spec, upcast_unshared)
+    return capped_entry_logits(raw_logits, found, labels, mask, spec)
+
+
+def capped_entry_logits(raw_logits, found, labels: SparseLabels, mask, spec: Spec):
+    """:func:`_entry_logits` from the entries' raw logits, gathered (and summed) from the slices
+    of classes that hold them, and ``found``, how many hold each."""
     held = found == 1
     part = held
     if mask is not None:
@@ -171,7 +184,7 @@ def _entry_logits(raw, labels: SparseLabels, mask, spec: Spec):
     return logits, weights, bad
 
 
-def _sparse_terms(raw, z, labels: SparseLabels, weights, logits, mask, class_weights, shift, spec):
+def _sparse_terms(labels: SparseLabels, weights, logits, class_weights, shift, smoothing, spec):
     r"""``(T, sum_k t_k (c - z_k), K_m)`` for sparse labels: :func:`_integer_terms` summed over the
     k entries, of weights :math:`b_j = (1 - \varepsilon) w_{i_j} a_j` (``weights`` a_j from
     :func:`_entry_logits`); O(N k) but for label smoothing. Duplicates add up."""
@@ -179,19 +192,24 @@ def _sparse_terms(raw, z, labels: SparseLabels, weights, logits, mask, class_wei
     if class_weights is not None:
         b = b * label_lookup(class_weights, labels.indices, spec)[0]
     gap = jnp.sum(xdiff(b, shift[..., None], logits), axis=-1)
-    return _smoothed_terms(jnp.sum(b, axis=-1), gap, raw, z, mask, class_weights, shift, spec)
+    return _smoothed_terms(jnp.sum(b, axis=-1), gap, smoothing, spec)
 
 
-def _smoothed_terms(mass, gap, raw, z, mask, class_weights, shift, spec: Spec):
-    """``(T, gap, K_m)``: the labels' mass and gap plus label smoothing's (K_m None without)."""
-    num_possible = None
-    if spec.label_smoothing:
-        sums = _smoothing_sums(raw, z, mask, class_weights, shift, spec)
-        num_possible, weight_sum, spread = (class_sum(x, spec) for x in sums)
-        e = spec.label_smoothing / jnp.maximum(num_possible, 1.0)
-        mass = mass + e * weight_sum
-        gap = gap + e * spread
-    return mass, gap, num_possible
+def _smoothed_terms(mass, gap, smoothing, spec: Spec):
+    """``(T, gap, K_m)``: the labels' mass and gap plus label smoothing's, from ``smoothing`` =
+    ``(K_m, W_m, sum_k w_k m_k (c - z_k))`` over all classes (None without smoothing: K_m None)."""
+    if not spec.label_smoothing:
+        return mass, gap, None
+    num_possible, weight_sum, spread = smoothing
+    e = spec.label_smoothing / jnp.maximum(num_possible, 1.0)
+    return mass + e * weight_sum, gap + e * spread, num_possible
+
+
+def smoothing_sums(raw, z, mask, class_weights, shift, spec: Spec):
+    """:func:`_smoothing_sums` over all shards; None without label smoothing."""
+    if not spec.label_smoothing:
+        return None
+    return tuple(class_sum(x, spec) for x in _smoothing_sums(raw, z, mask, class_weights, shift, spec))
 
 
 def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
@@ -263,29 +281,54 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
     """
     raw, z = z, capped_logits(z, mask, spec)
     top = row_max(raw, z, mask, spec)
+    smoothing = lambda shift: smoothing_sums(raw, z, mask, class_weights, shift, spec)
     if spec.integer_labels:
         label_logit, found = _label_logit(raw, labels, mask, spec)
         normalizer = label_normalizer(raw, z, label_logit, mask, spec)
-        target_mass, gap, num_possible = _integer_terms(
-            raw, z, labels, mask, class_weights, label_logit, found, normalizer.shift, spec
+        return integer_label_stats(
+            labels, class_weights, label_logit, found, normalizer, top,
+            smoothing(normalizer.shift), spec,
         )
-        correct = ((label_logit >= top) & (label_logit > -jnp.inf)).astype(z.dtype)
-    elif spec.sparse_labels:
+    if spec.sparse_labels:
         # s = sum_k e^{z_k - c} >= 1 for c the largest entry logit: every term of the loss is
         # then non-negative (for non-negative weights), as with the label's logit or the max.
-        logits, weights, bad = _entry_logits(raw, labels, mask, spec)
+        entries = _entry_logits(raw, labels, mask, spec)
+        logits, weights, _ = entries
         lead = jnp.max(jnp.where(weights != 0, logits, -jnp.inf), axis=-1, initial=-jnp.inf)
         normalizer = label_normalizer(raw, z, lead, mask, spec)
-        target_mass, gap, num_possible = _sparse_terms(
-            raw, z, labels, weights, logits, mask, class_weights, normalizer.shift, spec
+        return sparse_label_stats(
+            labels, class_weights, entries, normalizer, top, smoothing(normalizer.shift), spec
         )
-        correct = jnp.zeros_like(top)
-    else:
-        normalizer = shifted_normalizer(z, peak_shift(top), spec)
-        target_mass, gap, num_possible = _soft_terms(
-            raw, labels, mask, class_weights, top, normalizer, spec
-        )
-        correct = jnp.zeros_like(top)
+    normalizer = shifted_normalizer(z, peak_shift(top), spec)
+    terms = _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec)
+    return _finish_stats(normalizer, *terms, jnp.zeros_like(top), None, spec)
+
+
+def integer_label_stats(
+    labels, class_weights, label_logit, found, normalizer, top, smoothing, spec: Spec
+) -> RowStats:
+    """:class:`RowStats` of integer labels, whichever way the logits' sums were taken: the
+    capped label logit and ``found`` (:func:`capped_label_logit`), the ``normalizer``, the row
+    maximum ``top`` and the smoothing's sums relative to the normaliser's shift
+    (:func:`smoothing_sums`, None without smoothing)."""
+    terms = _integer_terms(labels, class_weights, label_logit, found, normalizer.shift, smoothing, spec)
+    correct = ((label_logit >= top) & (label_logit > -jnp.inf)).astype(top.dtype)
+    # A label outside [0, K) has no class: NaN, never a silent wrap to another class.
+    return _finish_stats(normalizer, *terms, correct, found != 1, spec)
+
+
+def sparse_label_stats(labels, class_weights, entries, normalizer, top, smoothing, spec: Spec) -> RowStats:
+    """:class:`RowStats` of sparse labels, as :func:`integer_label_stats`; ``entries`` =
+    ``(logits, weights, bad)`` of :func:`capped_entry_logits`."""
+    logits, weights, bad = entries
+    terms = _sparse_terms(labels, weights, logits, class_weights, normalizer.shift, smoothing, spec)
+    # An entry of non-zero weight outside [0, K): NaN, as an integer label there.
+    return _finish_stats(normalizer, *terms, jnp.zeros_like(top), bad, spec)
+
+
+def _finish_stats(normalizer, target_mass, gap, num_possible, correct, invalid, spec) -> RowStats:
+    r"""The loss :math:`T \log s + \text{gap} + \lambda_z \ell^2`; NaN on the ``invalid`` rows
+    (None: none)."""
     loss = target_mass * normalizer.log_sum + gap
     # A row with no possible class (all -inf): any target mass is on impossible classes, +inf
     # (log_sum -inf meets a gap of +inf there: NaN).
@@ -293,11 +336,8 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
     loss = jnp.where(empty, jnp.where(target_mass > 0, jnp.inf, 0.0), loss)
     if spec.z_loss:
         loss = loss + z_loss_term(normalizer.lse, spec)
-    if spec.integer_labels:
-        # A label outside [0, K) has no class: NaN, never a silent wrap to another class.
-        loss = jnp.where(found == 1, loss, jnp.nan)
-    if spec.sparse_labels:  # an entry of non-zero weight outside [0, K): NaN, as above
-        loss = jnp.where(bad, jnp.nan, loss)
+    if invalid is not None:
+        loss = jnp.where(invalid, jnp.nan, loss)
     if num_possible is None:
         num_possible = jnp.zeros_like(target_mass)
     return RowStats(loss, normalizer, target_mass, num_possible, correct)
