@@ -3,22 +3,24 @@ r"""Softmax cross-entropy of a linear layer, ``x @ w + bias``, without the N x V
 A language model's last step, ``logits = x @ w`` for N tokens and V classes, makes the two
 largest tensors of the whole training step: the logits and their gradient (N·V·4 bytes each,
 8 GiB at N=4096, V=262144). :func:`linear_softmax_cross_entropy` never holds more than a block
-of rows of them: it walks over the rows (tokens) in blocks of ``block_size``, each block holding
-*all* V (local) classes, so that the loss mathematics of :mod:`jaxce._rows` (``row_stats``,
-``row_cotangents``, ``finish``) applies to each block unchanged:
+of them, and the loss mathematics of :mod:`jaxce._rows` (``row_stats``, ``row_cotangents``,
+``finish``) applies to each block unchanged:
 
 - with a scalar reduction (``"mean"``, ``"sum"``) the cotangent of every example's loss is
   known before any logit is computed (the reduction is linear in the per-example losses), so
-  one pass computes, per block, the logits :math:`z_b = x_b w + b` (one matmul), the loss and
+  one pass over blocks of ``block_size`` rows holding *all* V (local) classes computes, per
+  block, the logits :math:`z_b = x_b w + b` (one matmul), the loss and
   :math:`dz_b` in closed form, :math:`dx_b = dz_b w^\top` and :math:`dw \mathrel{+}= x_b^\top
   dz_b` (two matmuls): three matmuls in all, as the naive code. The backward pass only scales
   these by the upstream scalar (it recomputes the blocks only if the ``return_aux`` outputs are
   differentiated too);
-- with ``reduction="none"`` the forward pass keeps only O(N) statistics (logsumexp and target
-  mass) and the backward pass recomputes the blocks' logits: four matmuls.
+- with ``reduction="none"``, a forward pass alone, and at large V, the statistics are taken
+  over tiles of columns, merged online (:mod:`jaxce._tile_stats`, reading ``w`` once), the
+  forward pass keeps only O(N) statistics (logsumexp and target mass), and the gradients come
+  from a sweep over the same tiles that recomputes their logits (:mod:`jaxce._tiles`): four
+  matmuls.
 
-How the blocks are walked, and why the gradients take a second sweep over tiles of columns
-at large V, is in :mod:`jaxce._sweeps`.
+When each is taken, and how the blocks are walked, is in :mod:`jaxce._sweeps`.
 """
 
 import functools
@@ -50,6 +52,7 @@ from ._sweeps import (
     linear_inputs,
     sweep_rows,
 )
+from ._tile_stats import tiled_stats
 from ._tiles import tile_shape, tiled_grads
 from ._validation import compute_dtype, static_number
 
@@ -96,12 +99,12 @@ def _label_cotangent(x, w, bias, labels, mask, class_weights, opts, normalizer, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _rows(x, w, bias, labels, mask, class_weights, opts, block, tile, gradient_filter):
-    (loss, norm, _, _, correct), _ = sweep_rows(x, w, bias, labels, mask, class_weights, opts, block)
+    loss, norm, _, _, correct = tiled_stats(x, w, bias, labels, mask, class_weights, opts, tile)
     return loss, norm.lse, correct
 
 
 def _rows_fwd(x, w, bias, labels, mask, class_weights, opts, block, tile, gradient_filter):
-    (loss, *saved, correct), _ = sweep_rows(x, w, bias, labels, mask, class_weights, opts, block)
+    loss, *saved, correct = tiled_stats(x, w, bias, labels, mask, class_weights, opts, tile)
     return (loss, saved[0].lse, correct), (x, w, bias, labels, mask, class_weights, saved)
 
 
@@ -154,7 +157,7 @@ def _reduced(
     x, w, bias, labels, mask, class_weights, sample_weights, counted, opts, block, tile,
     gradient_filter,
 ):
-    (loss, norm, _, _, correct), _ = sweep_rows(x, w, bias, labels, mask, class_weights, opts, block)
+    loss, norm, _, _, correct = tiled_stats(x, w, bias, labels, mask, class_weights, opts, tile)
     return finish(loss, norm.lse, correct, labels, counted, class_weights, sample_weights, opts)
 
 
@@ -179,17 +182,18 @@ def _reduced_fwd(
     if any(want) or class_weights is not None:
         dtype = compute_dtype(x.dtype)
         g_loss = _example_cotangents(labels, counted, class_weights, sample_weights, opts, dtype)
-    if g_loss is None or fuses_gradients(w.shape[1], block, tile, w.dtype):
+    if g_loss is not None and fuses_gradients(w.shape[1], block, tile, w.dtype):
         (loss, *saved, correct), grads = sweep_rows(
-            x, w, bias, labels, mask, class_weights, opts, block, g_loss=g_loss, want=want,
-            gradient_filter=gradient_filter,
+            x, w, bias, labels, mask, class_weights, opts, block, g_loss, want, gradient_filter
         )
-    else:  # statistics over blocks of rows, then the gradients over tiles of columns
-        (loss, *saved, correct), _ = sweep_rows(x, w, bias, labels, mask, class_weights, opts, block)
-        grads = tiled_grads(
-            x, w, bias, labels, mask, class_weights, opts, tile, tuple(saved), g_loss, None,
-            want, gradient_filter,
-        )
+    else:  # statistics over tiles of columns, then the gradients likewise
+        loss, *saved, correct = tiled_stats(x, w, bias, labels, mask, class_weights, opts, tile)
+        grads = (None,) * 4
+        if g_loss is not None:
+            grads = tiled_grads(
+                x, w, bias, labels, mask, class_weights, opts, tile, tuple(saved), g_loss, None,
+                want, gradient_filter,
+            )
     fn = _finish_fn(labels, counted, correct, opts)
     (out, aux), pull = jax.vjp(fn, loss, saved[0].lse, class_weights, sample_weights)
     if opts.return_aux and opts.spec.integer_labels:

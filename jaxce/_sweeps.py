@@ -1,13 +1,13 @@
-r"""Sweeps over the logits ``x @ w + bias`` a block of rows at a time.
+r"""The sweep over the logits ``x @ w + bias`` a block of rows at a time, for the scalar
+reductions: statistics and gradients in one pass.
 
-With ``"mean"``/``"sum"`` the gradients are accumulated in the same sweep (three matmuls).
-Accumulating :math:`dw` over the blocks of rows reads and writes all of ``dw`` [D, V] once per
-block, and the default block shrinks as 1/V: that traffic grows as V². Blocks of fewer than
-:data:`FUSED_MIN_ROWS` rows (and 16-bit weights beyond one tile) therefore take the gradients
-from a second sweep over tiles of columns (:mod:`jaxce._tiles`); ``reduction="none"`` (and a
-differentiated ``return_aux``) recomputes its gradients with that sweep beyond one tile of
-classes. The statistics sweep over blocks of rows is the same either way, so the loss is the
-same number.
+With ``"mean"``/``"sum"`` the gradients are accumulated in the same sweep as the statistics
+(three matmuls). Accumulating :math:`dw` over the blocks of rows reads and writes all of ``dw``
+[D, V] once per block, and the default block shrinks as 1/V: that traffic grows as V². Blocks
+of fewer than :data:`FUSED_MIN_ROWS` rows (and 16-bit weights beyond one tile) therefore take
+the statistics over tiles of columns (:mod:`jaxce._tile_stats`, which read ``w`` once) and the
+gradients from a second sweep over those tiles (:mod:`jaxce._tiles`); so do
+``reduction="none"`` and a forward pass alone.
 
 The temporaries of a block are a few ``block_size x V`` float32 arrays; the default
 ``block_size`` keeps them near :data:`BLOCK_BYTES` whatever V is, so the scratch memory stays
@@ -41,10 +41,14 @@ FILTER_COLUMNS = 512
 many columns: narrow enough that the few likely classes of a block of rows leave most slabs to
 skip, wide enough for efficient matmuls (measured in ``benchmarks/bench_linear.py``)."""
 
-FUSED_MIN_ROWS = 256
-"""With a scalar reduction, blocks of at least this many rows (or classes that fit in one tile) compute the gradients in the forward sweep itself (three matmuls); smaller blocks,
-which would re-read and re-write all of ``dw`` too often, take a second, column-tiled sweep
-(four matmuls). Measured in ``benchmarks/bench_linear.py --only sweep``."""
+FUSED_MIN_ROWS = 512
+"""With a scalar reduction, blocks of at least this many rows (or classes that fit in one tile)
+compute the gradients in the statistics' sweep over blocks of rows (three matmuls); smaller
+blocks, which would re-read ``w`` and re-read and re-write all of ``dw`` too often, take the
+statistics over tiles of columns and the gradients from a second sweep over them (four
+matmuls). Measured (``jit(value_and_grad)``, float32, against the naive loss): N=4096 D=512
+V=16384 (blocks of 512) 0.93x in one sweep, 1.06x tiled; V=32768 (256) 1.05x and 1.06x;
+N=2048 D=256 V=32768 (256) 0.96x and 0.86x."""
 
 _TEMPS_PER_ROW = 1  # float32 [block, V] arrays XLA:CPU keeps alive at once, rounded (measured:
 # 36-39 MiB of temp at 32 MiB / (4 V) rows for V = 32768 ... 262144, N=4096, D=512)
@@ -296,28 +300,19 @@ def add_block_grads(grads, xb, w, dz, dcw, start, fresh, g_loss, g_lse, gradient
     return dx, dw, db, dcw_acc
 
 
-def sweep_rows(
-    x, w, bias, labels, mask, class_weights, opts: Options, block: int, *,
-    stats=None, g_loss=None, g_lse=None, want=(False, False, False), gradient_filter=None,
-):
-    """Walk over the rows of ``x`` [N, D] in blocks of ``block``.
-
-    ``stats`` None: compute the per-example ``(loss, normalizer, target_mass, num_possible,
-    correct)``; otherwise it is the saved ``(normalizer, target_mass, num_possible)`` and only
-    cotangents are computed.
-    ``g_loss`` (and ``g_lse``, None for 0) [N]: the per-example cotangents; when given, the
-    gradients ``want = (dx, dw, dbias)`` (and ``dclass_weights`` with class weights) are
-    accumulated in the same pass; ``gradient_filter`` (a float) skips the column slabs of a
-    block where ``|dz| < gradient_filter * (|g_loss| + |g_lse|)`` (row by row) everywhere.
+def sweep_rows(x, w, bias, labels, mask, class_weights, opts: Options, block: int, g_loss, want,
+               gradient_filter=None):
+    """Walk over the rows of ``x`` [N, D] in blocks of ``block``: the per-example statistics
+    ``(loss, normalizer, target_mass, num_possible, correct)`` and, in the same pass, the
+    gradients ``want = (dx, dw, dbias)`` (and ``dclass_weights`` with class weights) for the
+    per-example cotangents ``g_loss`` [N]; ``gradient_filter`` (a float) skips the column slabs
+    of a block where ``|dz| < gradient_filter * |g_loss|`` (row by row) everywhere.
     Returns ``(stats, grads)``.
     """
     spec = opts.spec
     n = x.shape[0]
     dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
     want_dx, want_dw, want_db = want
-    grads_on = g_loss is not None
-    compute_stats = stats is None
-
     size = min(block, n)
 
     def body(start, skip, carry):
@@ -325,47 +320,32 @@ def sweep_rows(
         xb = lax.dynamic_slice_in_dim(x, start, size)
         yb = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size), labels)
         z = block_logits(xb, w, bias, dtype)
-        if compute_stats:
-            st = row_stats(z, yb, mask, class_weights, spec)
-            norm, mass, count = st.normalizer, st.target_mass, st.num_possible
-            new = (st.loss, norm.shift, norm.log_sum, mass, count, st.correct)
-            rows = tuple(lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, new))
-        else:
-            norm, mass, count = jax.tree.map(
-                lambda r: lax.dynamic_slice_in_dim(r, start, size), stats
-            )
-        if grads_on:
-            fresh, gb, glb = block_row_cotangents(g_loss, g_lse, start, size, skip)
-            dz, _, dcw = row_cotangents(
-                z, yb, mask, class_weights, norm, mass, count, gb, glb, spec
-            )
-            add_dw = lambda dw, xb, dzl: _add_outer(dw, xb, dzl, dtype)
-            acc = add_block_grads(
-                acc, xb, w, dz, dcw, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
-            )
+        st = row_stats(z, yb, mask, class_weights, spec)
+        norm, mass, count = st.normalizer, st.target_mass, st.num_possible
+        new = (st.loss, norm.shift, norm.log_sum, mass, count, st.correct)
+        rows = tuple(lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, new))
+        fresh, gb, glb = block_row_cotangents(g_loss, None, start, size, skip)
+        dz, _, dcw = row_cotangents(z, yb, mask, class_weights, norm, mass, count, gb, glb, spec)
+        add_dw = lambda dw, xb, dzl: _add_outer(dw, xb, dzl, dtype)
+        acc = add_block_grads(
+            acc, xb, w, dz, dcw, start, fresh, gb, glb, gradient_filter, want, dtype, add_dw
+        )
         return rows, acc
 
-    rows = ()
-    if compute_stats:
-        rows = tuple(jnp.zeros((n,), dtype) for _ in range(6))
-    acc = ()
-    if grads_on:
-        num_classes = w.shape[1]
-        # dx stays in float32 when it still has to be summed over a sharded class axis.
-        dx_dtype = dtype if spec.class_axis_name is not None else x.dtype
-        acc = (
-            jnp.zeros(x.shape, dx_dtype) if want_dx else None,
-            jnp.zeros(w.shape, dtype) if want_dw else None,
-            jnp.zeros((num_classes,), dtype) if want_db else None,
-            None if class_weights is None else jnp.zeros_like(class_weights),
-        )
+    rows = tuple(jnp.zeros((n,), dtype) for _ in range(6))
+    num_classes = w.shape[1]
+    # dx stays in float32 when it still has to be summed over a sharded class axis.
+    dx_dtype = dtype if spec.class_axis_name is not None else x.dtype
+    acc = (
+        jnp.zeros(x.shape, dx_dtype) if want_dx else None,
+        jnp.zeros(w.shape, dtype) if want_dw else None,
+        jnp.zeros((num_classes,), dtype) if want_db else None,
+        None if class_weights is None else jnp.zeros_like(class_weights),
+    )
     if n:
         rows, acc = row_blocks(n, size, body, (rows, acc))
-    if compute_stats:
-        loss, shift, log_sum, mass, count, correct = rows
-        rows = (loss, Normalizer(shift, log_sum), mass, count, correct)
-    acc = sum_shards(acc, opts) if grads_on else (None, None, None, None)
-    return rows, acc
+    loss, shift, log_sum, mass, count, correct = rows
+    return (loss, Normalizer(shift, log_sum), mass, count, correct), sum_shards(acc, opts)
 
 
 def sum_shards(grads, opts: Options):

@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jaxce
-from jaxce import _row_sums
+from jaxce import _row_sums, _sweeps, _tiles
 
 # ----------------------------------------------------------------------------------------------
 # The dimensions of the matrix.
@@ -954,24 +954,31 @@ CASES = selected_cases()
 
 
 @contextlib.contextmanager
-def cpu_forms(on: bool):
-    """XLA:CPU's forms (``on``) or the other backends' (see ``jaxce._row_sums.xla_cpu_form``).
+def forms(cpu: bool):
+    """XLA:CPU's forms (``cpu``) or the other backends' (see ``jaxce._row_sums.xla_cpu_form``).
 
     XLA:CPU's forms sum rows in chunks of at most 4 classes here (``ROW_CHUNK``, 32768 in
-    use), so that both K (5: chunks of 1; 300: of 4) take the chunked sums."""
-    saved = _row_sums.CPU_FORMS, _row_sums.ROW_CHUNK
-    _row_sums.CPU_FORMS, _row_sums.ROW_CHUNK = on, 4
+    use), so that both K (5: chunks of 1; 300: of 4) take the chunked sums; and the fused loss
+    takes tiles of 4 columns (a ragged last one at K=5, 75 at K=300) for its statistics and
+    gradients. The other forms keep the default tiles (one at these K) and, with a scalar
+    reduction, take the gradients in the statistics' sweep over blocks of rows."""
+    saved = (_row_sums.CPU_FORMS, _row_sums.ROW_CHUNK, _tiles.TILE_BYTES, _tiles.MIN_TILE_COLUMNS,
+             _sweeps.FUSED_MIN_ROWS)
+    _row_sums.CPU_FORMS, _row_sums.ROW_CHUNK = cpu, 4
+    if cpu:
+        _tiles.TILE_BYTES, _tiles.MIN_TILE_COLUMNS, _sweeps.FUSED_MIN_ROWS = 1, 4, 2**30
     try:
         yield
     finally:
-        _row_sums.CPU_FORMS, _row_sums.ROW_CHUNK = saved
+        (_row_sums.CPU_FORMS, _row_sums.ROW_CHUNK, _tiles.TILE_BYTES, _tiles.MIN_TILE_COLUMNS,
+         _sweeps.FUSED_MIN_ROWS) = saved
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matrix(case):
     log = os.environ.get("JAXCE_MATRIX_LOG")  # one JSON line per failing case, for triage
     try:
-        with cpu_forms(case.forms == "cpu"):
+        with forms(case.forms == "cpu"):
             errors, a, _, _ = check_case(case)
     except Exception as e:
         if log:
