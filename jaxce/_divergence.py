@@ -45,7 +45,7 @@ from ._options import (
     logits_in_rows,
     make_options,
 )
-from ._row_sums import sum_exp
+from ._row_sums import reduce_rows, sum_exp
 from ._softmax import move_axes_last
 from ._spec import class_max, class_sum
 from ._validation import check_floating, check_shape, compute_dtype, static_number
@@ -93,7 +93,7 @@ def normalizer(z, mask, spec: DivergenceSpec):
     """``(c, log s)`` of ``z / tau`` over the classes of all shards: the row maximum c (0 for a
     row without a possible class) and :math:`\\log s = \\log \\sum_k e^{z_k / \\tau - c}`."""
     z = tempered(z, mask, spec)
-    top = class_max(jnp.max(z, axis=-1), spec)
+    top = class_max(reduce_rows(lambda z: z, (z,), op=jnp.max), spec)
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
     log_sum = jnp.log(class_sum(sum_exp(z, shift), spec))
     return shift, log_sum

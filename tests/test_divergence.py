@@ -394,3 +394,29 @@ def test_sharded_without_vma_checks_raises():
     )
     with pytest.raises(ValueError, match="does not vary over mesh axis 'model'"):
         f(zs, zt)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("forms", ["cpu", "plain"])
+def test_rows_longer_than_a_chunk(kind, forms, monkeypatch):
+    """98304 classes (maxima and sums in chunks of 32768 on XLA:CPU, see
+    jaxce._row_sums.reduce_rows), -inf logits in every chunk: values and the student's
+    gradient against float64."""
+    from jaxce import _row_sums
+
+    monkeypatch.setattr(_row_sums, "CPU_FORMS", forms == "cpu")
+    rng = np.random.default_rng(7)
+    zs, zt = (rng.normal(size=(3, 98304)) * 3 for _ in range(2))
+    impossible = rng.random(zs.shape) < 0.01
+    zs[impossible], zt[impossible] = -np.inf, -np.inf  # impossible for both: no part
+    zs[0, :32768] += 400.0  # row 0 peaks in its first chunk: a shift from another overflows
+    zs, zt = zs.astype(np.float32), zt.astype(np.float32)
+    f64 = lambda a: np.asarray(a, np.float64)
+    want = np_divergence(f64(zs), f64(zt), kind, tau=2.0)
+    # (fresh functions: jit traces under this test's forms)
+    loss = lambda a: jaxce.softmax_divergence(a, jnp.asarray(zt), kind=kind, temperature=2.0)
+    np.testing.assert_allclose(jax.jit(loss)(jnp.asarray(zs)), want, rtol=2e-5, atol=1e-6)
+    if kind == "forward_kl":
+        grad = jax.jit(jax.grad(lambda a: loss(a).sum()))(jnp.asarray(zs))
+        ps, pt = (np.exp(np_log_softmax(f64(a), None, 2.0)) for a in (zs, zt))
+        np.testing.assert_allclose(f64(grad), (ps - pt) / 2.0, atol=1e-7)

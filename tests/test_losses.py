@@ -375,6 +375,31 @@ def test_rows_longer_than_a_chunk(rng, num_classes, dtype, forms, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("forms", ["cpu", "plain"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_batch_of_long_rows(dtype, forms, reduction, monkeypatch):
+    """No rows of 65536 classes (summed in chunks on XLA:CPU): the per-example loss is empty,
+    the reduced loss 0, and the gradient an empty array of the logits' shape, for integer
+    labels with smoothing and for soft labels."""
+    from jaxce import _row_sums
+
+    monkeypatch.setattr(_row_sums, "CPU_FORMS", forms == "cpu")
+    z = jnp.zeros((0, 65536), dtype)
+    losses = {
+        "int": lambda z: ce_int(z, jnp.zeros((0,), jnp.int32), label_smoothing=0.1,
+                                reduction=reduction),
+        "soft": lambda z: ce_soft(z, jnp.zeros((0, 65536), dtype), reduction=reduction),
+    }
+    for name, loss in losses.items():
+        out = jax.jit(loss)(z)  # (fresh functions: traced under this test's forms)
+        assert out.shape == ((0,) if reduction == "none" else ()), name
+        if reduction != "none":
+            assert float(out) == 0.0, name
+        grad = jax.jit(jax.grad(lambda z: loss(z).sum()))(z)
+        assert grad.shape == z.shape and grad.dtype == dtype, name
+
+
 def test_integer_per_example_where_of_batch_shape(rng):
     z = rng.normal(size=(4, 5)).astype(np.float32)
     y = rng.integers(0, 5, size=4)
