@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ._checked import check_finite, check_unit_interval
 from ._options import reduce_losses
 from ._softmax import masked_fill
 from ._validation import (
@@ -15,6 +14,7 @@ from ._validation import (
     compute_dtype,
     log_base,
 )
+from ._value_checks import check_finite, check_unit_interval
 
 
 @jax.custom_vjp

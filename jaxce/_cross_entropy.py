@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ._checked import check_distribution, check_finite, check_labels, check_sparse_labels
 from ._options import (
     Options,
     check_segments,
@@ -31,6 +30,7 @@ from ._validation import (
     check_shape,
     compute_dtype,
 )
+from ._value_checks import check_distribution, check_finite, check_labels, check_sparse_labels
 
 
 def _in_place_loss(

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ._checked import check_finite
 from ._information import xdiff
 from ._options import (
     check_segments,
@@ -49,6 +48,7 @@ from ._row_sums import reduce_rows, sum_exp
 from ._softmax import move_axes_last
 from ._spec import class_max, class_sum
 from ._validation import check_floating, check_shape, compute_dtype, static_number
+from ._value_checks import check_finite
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from ._checked import check_distribution, check_finite, check_unit_interval
 from ._softmax import log_probabilities, masked_fill, prepare, probabilities
 from ._validation import check_floating, compute_dtype, log_base
+from ._value_checks import check_distribution, check_finite, check_unit_interval
 
 
 def xlogy(x: jax.Array, y: jax.Array) -> jax.Array:

@@ -33,7 +33,6 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from ._checked import check_labels, check_sparse_labels
 from ._entries import entry_weight_cotangents, local_entries, sparse_outside
 from ._options import (
     check_segments,
@@ -55,6 +54,7 @@ from ._sweeps import (
 from ._tile_stats import tiled_stats
 from ._tiles import tile_shape, tiled_grads
 from ._validation import compute_dtype, static_number
+from ._value_checks import check_labels, check_sparse_labels
 
 ENTRY_BYTES = 16 * 2**20
 """The label weights' gradient of sparse labels gathers, per block of rows, the columns of ``w``

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checked import check_finite
 from ._divergence import (
     DivergenceSpec,
     RowSums,
@@ -42,6 +41,7 @@ from ._sweeps import (
 )
 from ._tiles import tile_shape, tiled_grads
 from ._validation import check_floating, check_shape, compute_dtype
+from ._value_checks import check_finite
 
 
 def _teacher_inputs(teacher, batch_shape, num_classes, class_axis_name):

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checked import check_labels
 from ._log_probs import (
     LogProbSpec,
     class_sums,
@@ -39,6 +38,7 @@ from ._sweeps import (
 )
 from ._tiles import tile_shape, tiled_grads
 from ._validation import compute_dtype
+from ._value_checks import check_labels
 
 
 def _sweep(x, w, bias, labels, mask, ls: LogProbSpec, block: int):

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._checked import check_finite, check_labels
 from ._normalizer import label_lookup
 from ._options import (
     check_varying,
@@ -55,6 +54,7 @@ from ._row_sums import (
 from ._softmax import masked_fill
 from ._spec import Spec, class_ids, class_max, class_shards, class_sum, sum_like
 from ._validation import compute_dtype, static_number
+from ._value_checks import check_finite, check_labels
 
 
 class LogProbSpec(NamedTuple):

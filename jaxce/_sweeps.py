@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._checked import check_finite
 from ._normalizer import Normalizer
 from ._options import Options, check_varying
 from ._rows import row_cotangents, row_stats
 from ._spec import vary_over, varying_axes
 from ._validation import check_floating, check_shape, compute_dtype, static_int
+from ._value_checks import check_finite
 
 BLOCK_BYTES = 32 * 2**20
 """The default ``block_size`` aims at about this many bytes of float32 ``block_size x V``

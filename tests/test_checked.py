@@ -16,14 +16,13 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jaxce
-from jaxce import _checked
-from jaxce._checked import (
-    CheckError,
+from jaxce import _checked, _value_checks
+from jaxce._checked import CheckError, checked
+from jaxce._value_checks import (
     check_distribution,
     check_finite,
     check_labels,
     check_unit_interval,
-    checked,
 )
 
 
@@ -127,7 +126,7 @@ def test_labels_of_every_integer_dtype_compare_exactly(dtype, k, ignore_index):
     bad = [not 0 <= v < k and v != ignore_index for v in values]  # exact, in Python
     with jax.enable_x64(True):  # int64 and uint64 labels stay 64-bit
         y = np.array(values, dtype)
-        mask = _checked._labels_out_of_range(jnp.asarray(y), k, ignore_index)
+        mask = _value_checks._labels_out_of_range(jnp.asarray(y), k, ignore_index)
         np.testing.assert_array_equal(mask, bad, err_msg=f"{values}")
         if not any(bad):
             np.testing.assert_array_equal(checked(f)(y), y)
@@ -224,8 +223,8 @@ def test_bfloat16_thirds_pass_with_the_default_tolerance():
     y = jnp.full((2, 3), 1 / 3, jnp.bfloat16)  # each rounds to 0.333984375: the sum is 1.00195
     assert abs(float(jnp.sum(y[0].astype(jnp.float32))) - 1.0) > 1e-3
     checked(soft_loss)(jnp.zeros((2, 3)), y)
-    assert _checked.default_tolerance(jnp.float32) == 1e-3
-    assert _checked.default_tolerance(jnp.bfloat16) == 4 * 2.0**-7
+    assert _value_checks.default_tolerance(jnp.float32) == 1e-3
+    assert _value_checks.default_tolerance(jnp.bfloat16) == 4 * 2.0**-7
 
 
 def test_masked_classes_and_fully_masked_rows_are_exempt():
