@@ -336,9 +336,12 @@ def linear_softmax_cross_entropy(
       them; ``reduction="none"`` recomputes the blocks backward. Saved between the passes:
       the gradients themselves, or O(N) statistics. The matmuls run in the inputs' dtype with
       float32 accumulation (``preferred_element_type``); the gradient of ``w`` is accumulated
-      in float32 (a ``[D, V]`` float32 buffer for bf16 ``w``) and returned in ``w``'s dtype.
-      Above a few tens of thousands of classes the gradients are computed by a second sweep
-      over tiles of columns (four matmuls instead of three, no ``dw`` traffic growing as V²).
+      in float32 (over blocks of rows, a ``[D, V]`` float32 buffer for bf16 ``w``; over tiles,
+      each tile's columns, then stored) and returned in ``w``'s dtype.
+      The statistics are taken over tiles of columns (``w`` read once) with
+      ``reduction="none"``, for a forward pass alone, and from about 32768 classes (at the
+      default ``block_size``), where the gradients then come from a second sweep over the
+      tiles (four matmuls instead of three, no ``dw`` traffic growing as V²).
       Forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for its custom VJP: use
       reverse mode.
 
