@@ -339,8 +339,10 @@ def linear_softmax_cross_entropy(
       in float32 (over blocks of rows, a ``[D, V]`` float32 buffer for bf16 ``w``; over tiles,
       each tile's columns, then stored) and returned in ``w``'s dtype.
       The statistics are taken over tiles of columns (``w`` read once) with
-      ``reduction="none"``, for a forward pass alone, and from about 32768 classes (at the
-      default ``block_size``), where the gradients then come from a second sweep over the
+      ``reduction="none"``, for a forward pass alone, and wherever blocks of rows would be
+      shorter than :data:`~jaxce._sweeps.FUSED_MIN_ROWS` (512) and the classes span more
+      than one tile (from V=32768 at the default ``block_size``, or with fewer rows; 16-bit
+      weights beyond one tile too); the gradients then come from a second sweep over the
       tiles (four matmuls instead of three, no ``dw`` traffic growing as V²).
       Forward mode (``jax.jvp``, ``jax.jacfwd``) is not defined for its custom VJP: use
       reverse mode.

@@ -26,7 +26,7 @@ from jax import lax
 from ._entries import local_entries
 from ._normalizer import Normalizer, row_max
 from ._options import Options
-from ._row_sums import capped_logits, from_bits, sum_exp, to_bits
+from ._row_sums import capped_logits, sum_exp
 from ._rows import (
     RowStats,
     capped_entry_logits,
@@ -37,6 +37,7 @@ from ._rows import (
 )
 from ._spec import Spec, class_max, class_sum
 from ._sweeps import block_logits, row_blocks
+from ._tiles import over_tiles
 from ._validation import compute_dtype
 
 
@@ -119,16 +120,11 @@ def tiled_stats(x, w, bias, labels, mask, class_weights, opts: Options, tile) ->
     rows, cols = min(tile[0], n), min(tile[1], num_classes)
     dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
     ids = labels.indices if spec.sparse_labels else labels[:, None]
-    cut = lambda a, start: None if a is None else lax.dynamic_slice_in_dim(a, start, cols, -1)
     at_rows = lambda a, start: lax.dynamic_slice_in_dim(a, start, rows)
-    w_bits = to_bits(w)  # 16-bit w sliced as bits (see jaxce._tiles.tiled_grads)
+    ragged = num_classes % cols != 0
 
-    def tile_body(col, col_skip, acc):
-        wt = from_bits(cut(w_bits, col), w.dtype)
-        bt, mt, cwt = (cut(a, col) for a in (bias, mask, class_weights))
-        fresh = None
-        if num_classes % cols:
-            fresh = lax.broadcasted_iota(jnp.int32, (cols,), 0) >= col_skip
+    def tile_body(col, fresh, wt, bt, mt, cwt, acc):
+        fresh = fresh if ragged else None  # (no select where no column is counted twice)
 
         def block_body(start, skip, acc):
             raw = block_logits(at_rows(x, start), wt, bt, dtype)
@@ -154,5 +150,5 @@ def tiled_stats(x, w, bias, labels, mask, class_weights, opts: Options, tile) ->
         zeros(ids.shape, jnp.int32),
     )
     if n and num_classes:
-        acc = row_blocks(num_classes, cols, tile_body, acc)
+        acc = over_tiles(w, (bias, mask, class_weights), cols, tile_body, acc)
     return stats_from_partial(merge_shards(acc, spec), labels, mask, class_weights, spec)

@@ -43,6 +43,27 @@ def tile_shape(num_rows: int, num_features: int, num_classes: int, block: int) -
     return rows, cols
 
 
+def over_tiles(w, column_arrays, cols: int, fn, carry):
+    """``carry = fn(col, fresh, w_t, *slices, carry)`` over the tiles of ``cols`` columns of
+    ``w`` [D, V] (``0 < cols <= V``): ``w_t`` is ``w[:, col:col + cols]``, ``slices`` the same
+    columns of each [V] array of ``column_arrays`` (or None), and ``fresh`` [cols] marks the
+    columns no tile before counted: all but in a ragged last tile, which starts at ``V - cols``
+    and overlaps the one before (:func:`jaxce._sweeps.row_blocks`).
+
+    16-bit ``w`` is sliced as bits (:func:`~jaxce._row_sums.to_bits`): XLA:CPU would otherwise hoist a float32
+    copy of ``w`` out of the loop; it still copies ``w``'s bits once (D x V 16-bit temp).
+    """
+    w_bits = to_bits(w)
+    cut = lambda a, start: None if a is None else lax.dynamic_slice_in_dim(a, start, cols, -1)
+
+    def body(col, skip, carry):
+        wt = from_bits(cut(w_bits, col), w.dtype)
+        fresh = lax.broadcasted_iota(jnp.int32, (cols,), 0) >= skip
+        return fn(col, fresh, wt, *(cut(a, col) for a in column_arrays), carry)
+
+    return row_blocks(w.shape[1], cols, body, carry)
+
+
 def tiled_grads(
     x, w, bias, labels, mask, class_weights, opts: Options, tile, stats, g_loss, g_lse, want,
     gradient_filter=None, cotangents=None,
@@ -78,18 +99,14 @@ def tiled_grads(
     dtype = compute_dtype(jnp.result_type(x.dtype, w.dtype))
     want_dx, want_dw, want_db = want
     dw_dtype = w.dtype if opts.batch_axis_name is None else dtype
-    cut = lambda a, start: None if a is None else lax.dynamic_slice_in_dim(a, start, cols, -1)
     put = lambda a, part, start: (
         None if a is None
         else lax.dynamic_update_slice_in_dim(a, part.astype(a.dtype), start, a.ndim - 1)
     )
 
-    def tile_body(col, col_skip, carry):
+    def tile_body(col, fresh_cols, wt, bt, mt, cwt, carry):
         dx, dw, db, dcw = carry
-        wt, bt, mt, cwt = (cut(a, col) for a in (w_bits, bias, mask, class_weights))
-        wt = from_bits(wt, w.dtype)
         # dx's share of the columns the previous tile counted: 0 (their dw etc. are rewritten).
-        fresh_cols = lax.broadcasted_iota(jnp.int32, (cols,), 0) >= col_skip
         wdx = jnp.where(fresh_cols, wt, jnp.zeros((), wt.dtype)) if want_dx else wt
 
         def block_body(start, skip, acc):
@@ -125,14 +142,12 @@ def tiled_grads(
         jnp.zeros((num_classes,), dtype) if want_db else None,
         None if class_weights is None else jnp.zeros_like(class_weights),
     )
-    # 16-bit w and dw are sliced and updated as bits (to_bits): XLA:CPU would otherwise convert
-    # all of dw around every tile's update, or hoist a float32 copy of w out of the loop; it
-    # still copies w's bits once (D x V 16-bit temp). Measured at N=2048 D=256 V=65536
-    # bfloat16: 0.56x the naive time with 68 MiB of temp, against 0.62x with 142 MiB (float32
-    # dw) and 1.02x with 100 MiB (16-bit dw updated as floats).
-    w_bits = to_bits(w)
+    # 16-bit dw is updated as bits (to_bits): XLA:CPU would otherwise convert all of dw around
+    # every tile's update. Measured at N=2048 D=256 V=65536 bfloat16: 0.56x the naive time
+    # with 68 MiB of temp, against 0.62x with 142 MiB (float32 dw) and 1.02x with 100 MiB
+    # (16-bit dw updated as floats).
     if n and num_classes:
-        grads = row_blocks(num_classes, cols, tile_body, grads)
+        grads = over_tiles(w, (bias, mask, class_weights), cols, tile_body, grads)
     dx, dw, db, dcw = grads
     dw = None if dw is None else from_bits(dw, dw_dtype)
     return sum_shards((dx, dw, db, dcw), opts)
