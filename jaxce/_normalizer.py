@@ -12,6 +12,7 @@ from ._row_sums import (
     in_row_blocks,
     reduce_rows,
     sum_exp,
+    summable,
 )
 from ._softmax import finite_or_zero
 from ._spec import (
@@ -50,7 +51,8 @@ class Normalizer(NamedTuple):
 
 
 def shifted_normalizer(z, shift, spec: Spec) -> Normalizer:
-    """:math:`\\log \\sum_k e^{z_k - c}` of -inf-masked logits ``z`` for a finite shift c (all shards)."""
+    """:math:`\\log \\sum_k e^{z_k - c}` of -inf-masked logits ``z`` (any float dtype) for a
+    finite shift c (all shards)."""
     log_sum = jnp.log(class_sum(sum_exp(z, shift), spec))
     return Normalizer(shift, log_sum)
 
@@ -81,7 +83,8 @@ def label_normalizer(raw, z, label_logit, mask, spec: Spec) -> Normalizer:
     use the shift 0), falls back under a ``lax.cond`` to the max-shifted normaliser, which
     rebuilds the logits from the raw input (a cond operand is materialised) in row blocks.
     """
-    fast = shifted_normalizer(z, jnp.where(jnp.isfinite(label_logit), label_logit, 0.0), spec)
+    label_shift = jnp.where(jnp.isfinite(label_logit), label_logit, 0.0)
+    fast = shifted_normalizer(summable(raw, z, mask, spec), label_shift, spec)
 
     def by_peak(raw, rows_mask):
         block_mask = mask if class_mask else rows_mask

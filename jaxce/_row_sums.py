@@ -126,7 +126,7 @@ def reduce_rows(terms, full, rows=(), classes=(), op=jnp.sum):
         chunks = full[0].shape[:-1] + (num_classes // chunk,)
         partial = op(
             terms(
-                *(a.reshape(-1, chunk) for a in full),
+                *(_chunk_view(a, chunk) for a in full),
                 *(jnp.broadcast_to(r[..., None], chunks).reshape(-1, 1) for r in rows),
                 *(
                     jnp.broadcast_to(a.reshape(-1, chunk), chunks + (chunk,)).reshape(-1, chunk)
@@ -140,9 +140,26 @@ def reduce_rows(terms, full, rows=(), classes=(), op=jnp.sum):
     return xla_cpu_form(chunked, whole)
 
 
+def _chunk_view(a, chunk):
+    """``a`` [..., K] as [N·K/chunk, chunk]. A 16-bit input is viewed so behind an
+    ``optimization_barrier`` (a bitcast, no copy): otherwise XLA:CPU moves the reshape after
+    the sum's upcast, and its reduction of the upcast [N, K] then runs ~5x slower (bfloat16,
+    N=1024 K=131072: ``sum(exp(z - c))`` 170 ms against 33 ms)."""
+    view = a.reshape(-1, chunk)
+    return lax.optimization_barrier(view) if jnp.finfo(a.dtype).bits == 16 else view
+
+
 def sum_exp(z, shift):
-    r""":math:`\sum_k e^{z_k - c}` over the last axis of ``z`` [..., K] for a row shift c [...]."""
-    return reduce_rows(lambda z, c: jnp.exp(z - c), (z,), (shift,))
+    r""":math:`\sum_k e^{z_k - c}` over the last axis of ``z`` [..., K] for a row shift c [...];
+    ``z`` in any float dtype, upcast to the shift's inside the sum."""
+    return reduce_rows(lambda z, c: jnp.exp(z.astype(c.dtype) - c), (z,), (shift,))
+
+
+def summable(raw, z, mask, spec: Spec):
+    """The logits to hand a row sum: the raw input where ``z`` = :func:`capped_logits` is only
+    its upcast (no mask, no cap), so that a long row's chunks are cut from the 16-bit input
+    (see :func:`reduce_rows`); otherwise ``z``."""
+    return raw if mask is None and spec.logit_softcap is None else z
 
 
 def possible_indicator(z):

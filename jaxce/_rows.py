@@ -59,6 +59,7 @@ from ._row_sums import (
     reduce_rows,
     smoothed_targets,
     softcap,
+    summable,
     unless_impossible,
     upcast_unshared,
     xla_cpu_form,
@@ -247,8 +248,8 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
         )
         if not eps:
             return gap
-        # (not the broadcast above)
-        spread = -reduce_rows(lambda r, m, w: w * (z(r) - m), (raw,), (top,), (w,))
+        # -(z + (-M)): not the broadcast of M above (a shared one is written out as [N, K])
+        spread = -reduce_rows(lambda r, neg_m, w: w * (z(r) + neg_m), (raw,), (-top,), (w,))
         return (1.0 - eps) * gap + eps * spread / jnp.maximum(num_possible, 1.0)
 
     selects = mask is None and (bool(eps) or spec.logit_softcap is not None)
@@ -299,7 +300,7 @@ def row_stats(z, labels, mask, class_weights, spec: Spec) -> RowStats:
         return sparse_label_stats(
             labels, class_weights, entries, normalizer, top, smoothing(normalizer.shift), spec
         )
-    normalizer = shifted_normalizer(z, peak_shift(top), spec)
+    normalizer = shifted_normalizer(summable(raw, z, mask, spec), peak_shift(top), spec)
     terms = _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec)
     return _finish_stats(normalizer, *terms, jnp.zeros_like(top), None, spec)
 
