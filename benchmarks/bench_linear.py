@@ -26,6 +26,9 @@ when it is not installed. All are compiled as ``jax.jit(jax.value_and_grad(f, ar
   nothing is skipped (the filter's overhead). Paired times of the filtered step against the
   exact (unfiltered) one and against naive, the share of (row block, column slab) pairs
   skipped, and the largest change of a gradient entry relative to the largest exact entry;
+- matmuls: the three matmuls of the naive step timed alone, beside the naive and jaxce steps,
+  at ``--sweep-shape`` with D halved and doubled (V=65536): what bounds the fused step at wide D
+  (see ``matmul_table``);
 - sweep: jaxce, naive and jax-cce side by side at N=4096, D=512 over V in {32768, 65536,
   131072, 262144} (float32; bfloat16 at 65536 and 262144), a ragged N=4000 (not a power of
   two) at V=131072 and D in {1024, 2048} at V=65536. jax-cce takes ``w`` as [V, D] (it computes
@@ -52,6 +55,7 @@ Usage::
     python benchmarks/bench_linear.py --only filter
     python benchmarks/bench_linear.py --only sweep                  # N=4096 D=512
     python benchmarks/bench_linear.py --only sweep --sweep-shape 2048 256 --repeats 3
+    python benchmarks/bench_linear.py --only matmuls --repeats 3    # N=4096, D=256/512/1024
     JAX_PLATFORMS=cuda python benchmarks/bench_linear.py --only sweep
 
 On 2 shared CPU cores, ``--only sweep --quick`` (times at N=512 D=128) took 3 to 6 minutes and
@@ -397,6 +401,48 @@ def filter_table(args):
     return lines
 
 
+def matmul_table(args):
+    """What bounds the fused step at wide D: its matmuls, timed alone beside the two steps.
+
+    The naive step is three matmuls (``x @ w``, ``dz @ w.T``, ``x.T @ dz``) plus its
+    elementwise passes over the [N, V] logits ("rest" = naive - the three); a fused loss that
+    never holds the logits computes them twice (four matmuls). It can only match naive where
+    one more matmul costs less than that rest. Rows at ``args.sweep_shape`` (N, D), D halved and
+    doubled, V=65536, float32.
+    """
+    n, d = args.sweep_shape
+    v = SWEEP_V[1]
+    header = (
+        f"{'N':>6}{'D':>6}{'V':>8}{'x@w':>9}{'dz@wT':>9}{'xT@dz':>9}{'naive':>9}{'rest':>8}"
+        f"{'jaxce':>9}{'jaxce/naive':>13}"
+    )
+    lines = ["matmuls: ms of each alone and of the two value_and_grad steps, float32", header]
+    lines.append("-" * len(header))
+    print("\n".join(lines), flush=True)
+    for dd in (d // 2, d, 2 * d):
+        x, w, y = make_inputs(n, dd, v, jnp.float32)
+        dz = jax.random.normal(jax.random.key(3), (n, v), jnp.float32)
+        fns = [
+            functools.partial(jax.jit(lambda x, w: x @ w), x, w),
+            functools.partial(jax.jit(lambda dz, w: dz @ w.T), dz, w),
+            functools.partial(jax.jit(lambda x, dz: x.T @ dz), x, dz),
+            functools.partial(step(naive), x, w, y),
+            functools.partial(step(blockwise(args.block_size)), x, w, y),
+        ]
+        times = rotated_times(fns, args.repeats, args.warmup)
+        xw, dzw, xdz, naive_ms, ours = (1e3 * float(np.median(t)) for t in times)
+        ratio = float(np.median(times[4] / times[3]))
+        rest = naive_ms - xw - dzw - xdz
+        line = (
+            f"{n:>6}{dd:>6}{v:>8}{xw:9.1f}{dzw:9.1f}{xdz:9.1f}{naive_ms:9.1f}{rest:8.1f}"
+            f"{ours:9.1f}{ratio:13.2f}"
+        )
+        lines.append(line)
+        print(line, flush=True)
+        del x, w, y, dz, fns
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -409,7 +455,7 @@ def main(argv=None):
         "--repeats", type=int, default=None, help="timed pairs (rounds) per row (default 9)"
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each function")
-    parser.add_argument("--only", choices=("memory", "time", "filter", "sweep"), default=None)
+    parser.add_argument("--only", choices=("memory", "time", "filter", "sweep", "matmuls"), default=None)
     parser.add_argument(
         "--sweep-shape",
         type=int,
@@ -437,7 +483,9 @@ def main(argv=None):
     if args.only in (None, "filter"):
         lines += filter_table(args) + [""]
     if args.only in (None, "sweep"):
-        lines += sweep_table(args)
+        lines += sweep_table(args) + [""]
+    if args.only in (None, "matmuls"):
+        lines += matmul_table(args)
     print(
         "\nratio: median of per-pair (sweep: per-round) time ratios, a/b timed back to back; "
         "spread: 10-90% range of jaxce/naive; MiB = 2**20 B"

@@ -12,8 +12,9 @@ for both implementations and reports
 Rows (issue 2, "Benchmark"; issue 4, "Tests"), N=4096 examples, V=32768 classes:
 
 - integer labels, float32 and bfloat16: jaxce vs optax; target time <= 1.0x (bf16 <= 0.8x);
-- soft labels, float32 and bfloat16: jaxce vs optax; target time <= 0.7x, temp memory 0 in
-  float32 and <= 0.5x optax's in bfloat16;
+- soft labels, float32 and bfloat16: jaxce vs optax; target time <= 0.8x in float32 (issue 11:
+  writing the fresh [N, V] gradient's pages is a floor both pay) and <= 0.7x in bfloat16, temp
+  memory 0 in float32 and <= 0.5x optax's in bfloat16;
 - integer labels with ``label_smoothing=0.1, z_loss=1e-4, ignore_index=-100`` (1/8 of the labels
   ignored) vs plain jaxce: target time <= 1.1x and no extra temp memory.
 
@@ -158,7 +159,7 @@ def main(argv=None):
     rows = [
         ("int   f32", jnp.float32, False, "jaxce-int", None, "optax-int", "time<=1.0x"),
         ("int   bf16", jnp.bfloat16, False, "jaxce-int", None, "optax-int", "time<=0.8x"),
-        ("soft  f32", jnp.float32, True, "jaxce-soft", None, "optax-soft", "time<=0.7x, temp=0"),
+        ("soft  f32", jnp.float32, True, "jaxce-soft", None, "optax-soft", "time<=0.8x, temp=0"),
         ("soft  bf16", jnp.bfloat16, True, "jaxce-soft", None, "optax-soft", "time<=0.7x, temp<=0.5x"),
         ("int+opts f32", jnp.float32, False, "jaxce-int", smooth, "jaxce-int", "time<=1.1x, temp<=1x"),
         ("int+opts bf16", jnp.bfloat16, False, "jaxce-int", smooth, "jaxce-int", "time<=1.1x, temp<=1x"),
