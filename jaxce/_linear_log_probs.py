@@ -54,7 +54,7 @@ def _sweep(x, w, bias, labels, mask, ls: LogProbSpec, block: int):
         capped_y, found = label_capped_logit(z, yb, mask, ls)
         # The entropy's two sums share the exponentials, which XLA:CPU writes out whole: in
         # smaller blocks of rows (see in_row_blocks) that scratch is a fraction of the block's.
-        sums = lambda z: class_sums(z, mask, ls)
+        sums = lambda z: class_sums(z, mask, ls, in_blocks=ls.entropy)
         shift, log_sum, entropy = in_row_blocks(sums, z, blocked=ls.entropy)
         return label_log_prob(capped_y, found, shift, log_sum, ls), entropy, shift, log_sum
 

@@ -102,7 +102,7 @@ def row_chunk(num_classes: int) -> int | None:
     return next((c for c in range(ROW_CHUNK, shortest - 1, -1) if num_classes % c == 0), None)
 
 
-def reduce_rows(terms, full, rows=(), classes=(), op=jnp.sum):
+def reduce_rows(terms, full, rows=(), classes=(), op=jnp.sum, chunked=True):
     """``op`` (``jnp.sum`` or ``jnp.max``) over the last axis of ``terms(*full, *rows, *classes)``.
 
     ``full`` are [..., K] arrays, ``rows`` [...] arrays (given to ``terms`` as [..., 1]) and
@@ -118,7 +118,7 @@ def reduce_rows(terms, full, rows=(), classes=(), op=jnp.sum):
         return op(terms(*full, *(r[..., None] for r in rows), *classes), axis=-1)
 
     num_classes = full[0].shape[-1]
-    chunk = row_chunk(num_classes)
+    chunk = row_chunk(num_classes) if chunked else None
     if chunk is None:
         return whole()
 

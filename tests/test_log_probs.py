@@ -211,6 +211,45 @@ def test_in_place_dtypes(rng, dtype):
     np.testing.assert_allclose(np.asarray(grads["grpo"], np.float64), want, rtol=gtol, atol=gtol)
 
 
+@pytest.mark.parametrize("forms", ["cpu", "plain"])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_rows_longer_than_a_chunk(dtype, entropy, softcap, forms, monkeypatch):
+    """Rows of three chunks (``ROW_CHUNK`` shortened to 64 classes, so that XLA:CPU's forms
+    take maxima and sums in chunks, see jaxce._row_sums.reduce_rows; whole batches and row
+    blocks), -inf logits in every chunk, row 0 peaking 400 above the rest in its first chunk (a
+    shift from another chunk would overflow): log-probabilities, entropies and the GRPO
+    gradient against float64 on the rounded inputs."""
+    from jaxce import _row_sums
+
+    monkeypatch.setattr(_row_sums, "CPU_FORMS", forms == "cpu")
+    monkeypatch.setattr(_row_sums, "ROW_CHUNK", 64)
+    rng = np.random.default_rng(11)
+    n, k = 6, 192
+    z = 4 * rng.standard_normal((n, k))
+    z[rng.random(z.shape) < 0.05] = -np.inf
+    z[0, :64] += 400.0
+    labels = np.array([int(rng.choice(np.flatnonzero(np.isfinite(row)))) for row in z], np.int32)
+    a, b = rng.standard_normal(n), rng.uniform(0.5, 1.5, size=n)
+    zd = jnp.asarray(z, dtype)
+    z64 = np.asarray(zd.astype(jnp.float32), np.float64)
+    options = {"temperature": 0.7, "logit_softcap": softcap}
+    # (fresh functions: jit traces under this test's forms and chunk)
+    if entropy:
+        f = lambda z: jaxce.label_log_probs(z, labels, return_entropy=True, **options)
+    else:
+        f = lambda z: (jaxce.label_log_probs(z, labels, **options), jnp.zeros(n))
+    lp, h, grads = values_and_grads(f, (zd,), a.astype(np.float32), b.astype(np.float32))
+    ref = {"temperature": 0.7, "softcap": softcap}
+    ref_lp, ref_h = np_reference(z64, labels, **ref)[:2]
+    np.testing.assert_allclose(lp, ref_lp, rtol=2e-5, atol=1e-4)
+    np.testing.assert_allclose(h, ref_h if entropy else 0.0, rtol=2e-5, atol=2e-5)
+    want = np_grad(z64, labels, a, BETA * b if entropy else 0.0 * b, **ref)
+    gtol = {np.float32: 1e-5, jnp.bfloat16: 1e-2}[dtype]
+    np.testing.assert_allclose(np.asarray(grads["grpo"], np.float64), want, rtol=gtol, atol=gtol)
+
+
 def test_check_grads_in_reverse_mode(rng):
     z, labels, a, b = make_logits(rng, n=4, k=5, scale=2.0)
     with jax.enable_x64(True):
