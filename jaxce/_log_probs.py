@@ -136,7 +136,7 @@ def class_sums(z, mask, ls: LogProbSpec, in_blocks=False):
         top, summed = row_max(z, capped, mask, spec), summable(z, capped, mask, spec)
     shift = peak_shift(top)  # (+inf stays: NaN, as for the losses)
     tempered = lambda x, c: _temper(x.astype(c.dtype) - c, ls)
-    row_sum = functools.partial(reduce_rows, chunked=not in_blocks)
+    row_sum = functools.partial(reduce_rows, whole_rows=in_blocks)
     total = class_sum(row_sum(lambda x, c: jnp.exp(tempered(x, c)), (summed,), (shift,)), spec)
     log_sum = jnp.log(total)
     if not ls.entropy:

@@ -102,7 +102,7 @@ def row_chunk(num_classes: int) -> int | None:
     return next((c for c in range(ROW_CHUNK, shortest - 1, -1) if num_classes % c == 0), None)
 
 
-def reduce_rows(terms, full, rows=(), classes=(), op=jnp.sum, chunked=True):
+def reduce_rows(terms, full, rows=(), classes=(), op=jnp.sum, whole_rows=False):
     """``op`` (``jnp.sum`` or ``jnp.max``) over the last axis of ``terms(*full, *rows, *classes)``.
 
     ``full`` are [..., K] arrays, ``rows`` [...] arrays (given to ``terms`` as [..., 1]) and
@@ -113,12 +113,14 @@ def reduce_rows(terms, full, rows=(), classes=(), op=jnp.sum, chunked=True):
     element on rows of up to 32768 classes and 2.6-3.3 ns beyond, 0.4 ns in chunks at
     K=131072; ``sum(y (c - z))`` 6-10 ns against 0.6 ns. Only the 2D form is fast (a
     [N, K/C, C] view is not), and only with the operands chunked before ``terms``.
+    ``whole_rows``: no chunks on any backend (for the row blocks of :func:`in_row_blocks`,
+    whose sums of a shared, written-out array measured faster whole).
     """
     def whole():
         return op(terms(*full, *(r[..., None] for r in rows), *classes), axis=-1)
 
     num_classes = full[0].shape[-1]
-    chunk = row_chunk(num_classes) if chunked else None
+    chunk = None if whole_rows else row_chunk(num_classes)
     if chunk is None:
         return whole()
 
