@@ -15,6 +15,7 @@ from ._options import (
     check_varying,
     check_weights,
     counted_rows,
+    example_mask,
     finish,
     integer_labels,
     label_class_weights,
@@ -35,15 +36,29 @@ from ._value_checks import check_distribution, check_finite, check_labels, check
 
 def _in_place_loss(
     z, labels, mask, ignored, batch_shape, class_weights, sample_weights, opts: Options,
-    segments=None,
+    segments=None, examples=None,
 ):
-    """The in-place path of both softmax cross-entropies, from logits moved to [..., K]."""
+    """The in-place path of the softmax cross-entropies, from logits moved to [..., K].
+
+    ``examples``: a mask of the batch shape (``where`` constant over the classes), or None.
+    Its rows are left out as ignored ones are, with no [..., K] mask; their logsumexp in the
+    aux is -inf, as for a row whose every class is masked.
+    """
     check_varying(opts, ("logits", z), ("logits", z))
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, z.shape[-1], batch_shape
     )
-    loss, lse, correct = row_losses(z, labels, mask, class_weights, opts.spec)
+    if examples is not None:
+        ignored = ~examples if ignored is None else ignored | ~examples
+        if opts.spec.integer_labels:
+            labels = jnp.where(ignored, 0, labels)  # (a padding label: no NaN, as ignored ones)
+        elif opts.spec.sparse_labels:
+            labels = labels._replace(weights=jnp.where(examples[..., None], labels.weights, 0.0))
     counted = counted_rows(mask, ignored, batch_shape, opts.spec)
+    rows = None if ignored is None else counted
+    loss, lse, correct = row_losses(z, labels, mask, rows, class_weights, opts.spec)
+    if examples is not None:
+        lse = jnp.where(examples, lse, -jnp.inf)
     return finish(
         loss, lse, correct, labels, counted, class_weights, sample_weights, opts, segments
     )
@@ -112,7 +127,8 @@ def softmax_cross_entropy(
         num_segments=num_segments,
     )
     logits_in = jnp.asarray(logits)
-    z, mask, axes, batch_shape = logits_in_rows(logits_in, axis, where, opts)
+    examples, class_where = example_mask(logits_in, axis, where, opts)
+    z, mask, axes, batch_shape = logits_in_rows(logits_in, axis, class_where, opts)
     labels = jnp.asarray(labels)
     check_floating("labels", labels)
     check_shape("labels", labels, logits_in.shape, "logits shape")
@@ -122,7 +138,7 @@ def softmax_cross_entropy(
     y = move_axes_last(labels, axes)
     segments = check_segments(segment_ids, batch_shape, opts)
     return _in_place_loss(
-        z, y, mask, None, batch_shape, class_weights, sample_weights, opts, segments
+        z, y, mask, None, batch_shape, class_weights, sample_weights, opts, segments, examples
     )
 
 
@@ -203,7 +219,8 @@ def softmax_cross_entropy_with_integer_labels(
         segmented=True,
         num_segments=num_segments,
     )
-    z, mask, axes, batch_shape = logits_in_rows(logits, axis, where, opts)
+    examples, class_where = example_mask(logits, axis, where, opts)
+    z, mask, axes, batch_shape = logits_in_rows(logits, axis, class_where, opts)
     what = f"logits shape without axis {axis}"
     ids, ignored = integer_labels(labels, batch_shape, what, opts.ignore_index)
     check_finite(
@@ -216,7 +233,8 @@ def softmax_cross_entropy_with_integer_labels(
     )
     segments = check_segments(segment_ids, batch_shape, opts)
     return _in_place_loss(
-        z, ids, mask, ignored, batch_shape, class_weights, sample_weights, opts, segments
+        z, ids, mask, ignored, batch_shape, class_weights, sample_weights, opts, segments,
+        examples,
     )
 
 
@@ -308,7 +326,8 @@ def softmax_cross_entropy_with_sparse_labels(
         segmented=True,
         num_segments=num_segments,
     )
-    z, mask, axes, batch_shape = logits_in_rows(logits, axis, where, opts)
+    examples, class_where = example_mask(logits, axis, where, opts)
+    z, mask, axes, batch_shape = logits_in_rows(logits, axis, class_where, opts)
     what = f"logits shape without axis {axis}"
     labels = sparse_labels(label_indices, label_weights, batch_shape, what)
     mesh_axes = {"class_axis_name": class_axis_name, "batch_axis_name": batch_axis_name}
@@ -316,7 +335,8 @@ def softmax_cross_entropy_with_sparse_labels(
     check_sparse_labels(label_indices, label_weights, z.shape[-1], **mesh_axes)
     segments = check_segments(segment_ids, batch_shape, opts)
     return _in_place_loss(
-        z, labels, mask, None, batch_shape, class_weights, sample_weights, opts, segments
+        z, labels, mask, None, batch_shape, class_weights, sample_weights, opts, segments,
+        examples,
     )
 
 

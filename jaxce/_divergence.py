@@ -40,6 +40,7 @@ from ._options import (
     check_varying,
     check_weights,
     counted_rows,
+    example_mask,
     finish,
     logits_in_rows,
     make_options,
@@ -307,8 +308,9 @@ def softmax_divergence(
     )
     teacher = jnp.asarray(teacher_logits)
     check_floating("teacher_logits", teacher)
+    examples, class_where = example_mask(student_logits, axis, where, opts)
     student, mask, axes, batch_shape = logits_in_rows(
-        student_logits, axis, where, opts, name="student_logits"
+        student_logits, axis, class_where, opts, name="student_logits"
     )
     check_shape("teacher_logits", teacher, jnp.shape(student_logits), "student_logits shape")
     teacher = move_axes_last(teacher, axes)
@@ -321,6 +323,8 @@ def softmax_divergence(
         )
     _, sample_weights = check_weights(None, sample_weights, student.shape[-1], batch_shape)
     loss = divergence_rows(student, teacher, mask, spec)
-    counted = counted_rows(mask, None, batch_shape, opts.spec)
+    # (examples left out get g = 0, and so exact zeros from ``pulled``: no [N, K] mask)
+    left_out = None if examples is None else ~examples
+    counted = counted_rows(mask, left_out, batch_shape, opts.spec)
     segments = check_segments(segment_ids, batch_shape, opts)
     return finish(loss, None, None, None, counted, None, sample_weights, opts, segments)

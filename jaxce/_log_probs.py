@@ -40,6 +40,7 @@ from ._normalizer import label_lookup, peak_shift, row_max
 from ._options import (
     check_varying,
     counted_rows,
+    example_mask,
     integer_labels,
     logits_in_rows,
     make_options,
@@ -333,9 +334,13 @@ def label_log_probs(
     opts, ls = make_log_prob_spec(
         temperature, logit_softcap, return_entropy, ignore_index, class_axis_name
     )
-    z, mask, axes, batch_shape = logits_in_rows(logits, axis, where, opts)
+    examples, class_where = example_mask(logits, axis, where, opts)
+    z, mask, axes, batch_shape = logits_in_rows(logits, axis, class_where, opts)
     what = f"logits shape without axis {axis}"
     ids, ignored = integer_labels(labels, batch_shape, what, opts.ignore_index)
+    if examples is not None:  # examples left out as ignored ones, with no [..., K] mask
+        ignored = ~examples if ignored is None else ignored | ~examples
+        ids = jnp.where(ignored, 0, ids)
     check_finite("logits", logits, axes, where=where, class_axis_name=class_axis_name)
     check_labels(
         labels, z.shape[-1], ignore_index=opts.ignore_index, class_axis_name=class_axis_name

@@ -318,6 +318,34 @@ def _check_unambiguous(where, logits_shape, batch_shape, opts: Options) -> None:
         )
 
 
+def example_mask(logits, axis, where, opts: Options):
+    """``(examples, where)``: a ``where`` constant over the class axes as a mask of the batch
+    shape (``where`` then None), or ``(None, where)``.
+
+    Such a mask leaves out whole examples; as a mask of the batch shape it costs O(N), where
+    broadcast over the classes it is an [N, K] operand that turns every row sum into its
+    select form. Invalid masks are left to :func:`logits_in_rows` to refuse.
+    """
+    if where is None:
+        return None, None
+    where = jnp.asarray(where)
+    shape = jnp.shape(logits)
+    if where.dtype != jnp.bool_ or where.ndim > len(shape):
+        return None, where
+    axes = canonical_axes(axis, len(shape))
+    batch_shape = tuple(d for i, d in enumerate(shape) if i not in axes)
+    _check_unambiguous(where, shape, batch_shape, opts)
+    if where.ndim != len(shape) and where.shape == batch_shape:
+        return where, None
+    padded = where.reshape((1,) * (len(shape) - where.ndim) + where.shape)
+    if any(padded.shape[a] != 1 for a in axes):
+        return None, where
+    rows = jnp.squeeze(padded, axes)
+    if not all(r in (1, b) for r, b in zip(rows.shape, batch_shape)):
+        return None, where
+    return jnp.broadcast_to(rows, batch_shape), None
+
+
 def logits_in_rows(logits, axis, where, opts: Options, name="logits"):
     logits = jnp.asarray(logits)
     check_floating(name, logits)
@@ -356,7 +384,10 @@ def expand_option_doc(doc: str) -> str:
 OPTION_DOC = r"""
       where: boolean mask broadcastable to ``logits`` (a mask of the batch shape masks whole
         examples, as in optax). Masked classes take no part; a fully masked example has loss 0,
-        gradient 0, and does not count in ``"mean"``. Inside ``shard_map`` with the classes
+        gradient 0, and does not count in ``"mean"``. A mask constant over the classes (of the
+        batch shape, or with size-1 class axes) leaves its examples out as ``ignore_index``
+        does, at no [..., K] cost; whatever their logits and labels hold (NaN, inf), their
+        gradients are 0, as are an ignored example's. Inside ``shard_map`` with the classes
         split, a mask whose shape is both the local batch shape and the local class shape is
         refused as ambiguous: give it the logits' rank.
       label_smoothing: :math:`\varepsilon \in [0, 1)`; targets become

@@ -344,9 +344,17 @@ def _finish_stats(normalizer, target_mass, gap, num_possible, correct, invalid, 
     return RowStats(loss, normalizer, target_mass, num_possible, correct)
 
 
+def _noisy_rows(idle, normalizer, target_mass) -> jax.Array:
+    """The ``idle`` rows that hold a NaN or infinite logit or label: a non-finite shift, mass
+    or log-sum (-inf, a row without a possible class, is harmless)."""
+    finite = jnp.isfinite(normalizer.shift) & jnp.isfinite(target_mass)
+    finite &= (normalizer.log_sum < jnp.inf) & ~jnp.isnan(normalizer.log_sum)
+    return idle & ~finite
+
+
 def row_cotangents(
     z, labels, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec: Spec,
-    *, columns=None, dtype=None, scatter=False,
+    *, columns=None, dtype=None, scatter=False, idle=None,
 ):
     r"""Backward pass: ``(dz, dlabels, dclass_weights)`` from the closed form.
 
@@ -367,7 +375,24 @@ def row_cotangents(
     loss, whose result dz is) and a 32- or 64-bit ``dz``: on XLA:CPU an iota comparison in
     the pass that writes dz measured 1.3x optax's time at N=4096 V=32768 float32, the
     scatter 0.9x. Otherwise their target comes from comparing an iota with the labels.
+    ``idle`` (None, or of the batch shape): rows left out, whose cotangents are 0; their
+    share of every cotangent is exactly 0, whatever their logits and labels hold (where the
+    closed form would give 0 * NaN).
     """
+    noisy = None
+    if idle is not None:
+        # The noisy rows' statistics become 0: finite, for the O(N k) entries (their logits
+        # too, below); their [N, K] share is selected away (``dense(quiet=True)``). A clean
+        # idle row keeps its statistics: with them its p * 0 is 0.
+        noisy_rows = _noisy_rows(idle, normalizer, target_mass)
+        noisy = jnp.any(noisy_rows)
+        quiet = lambda a, value=0.0: jnp.where(noisy_rows, value, a)
+        normalizer = Normalizer(quiet(normalizer.shift), quiet(normalizer.log_sum))
+        target_mass, num_possible = quiet(target_mass), quiet(num_possible, 1.0)
+        if spec.integer_labels:
+            labels = jnp.where(idle, 0, labels)
+        elif spec.sparse_labels:
+            labels = labels._replace(weights=jnp.where(idle[..., None], 0.0, labels.weights))
     # Integer labels are scattered where dz is the result (``scatter``), unless it is 16-bit:
     # XLA:CPU has no 16-bit scatter, and scattering its bits costs a copy of dz. Where dz feeds
     # matmuls (the fused loss's blocks), the comparison fuses into its producer, and a scatter
@@ -380,6 +405,8 @@ def row_cotangents(
         )
         index, held = local_entries(entries.indices, z.shape[-1], spec, columns)
         raw = jnp.take_along_axis(z, index, axis=-1)
+        if idle is not None:
+            raw = jnp.where(noisy_rows[..., None], 0.0, raw)
     targets = functools.partial(
         smoothed_targets, labels, mask, class_weights=class_weights, spec=spec, dtype=z.dtype,
         num_possible=num_possible, columns=columns, scattered=scattered,
@@ -410,31 +437,43 @@ def row_cotangents(
             dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
         return dz if possible is None else masked_fill(dz, possible, 0.0)
 
-    def dense(select: bool):
+    def dense(select: bool, quiet: bool = False):
         """``cotangent`` over all classes, built from ``z`` (a cond's operands are written
         out); ``select=False`` gives an impossible class (-inf) its 0 by exp(-inf) = 0 alone,
         which holds without a mask, a softcap or dense targets, in rows of finite ``coef``
         (and, with smoothing, whose share would go to every class, where all are possible).
+        ``quiet``: the idle rows' classes are selected away too (their NaN or infinite
+        logits or labels would give 0 * NaN).
         In ``dtype`` (a cond's float32 result would be written out before its rounding)."""
         possible = possible_classes(z, mask)
+        possible = possible & ~idle[..., None] if quiet else possible
         capped = masked_fill(softcap(z, spec), possible) if select else z
         t = targets(possible if select else None)[1]
         dz = cotangent(normalizer.log_probs(capped), t, capped, possible if select else None)
         return dz if dtype is None else dz.astype(dtype)
 
     if mask is not None or spec.logit_softcap is not None or not (scattered and wide):
-        dz = dense(True)
+        if idle is None or not wide:  # (XLA:CPU would copy a cond's 16-bit result)
+            dz = dense(True, idle is not None)
+        else:  # (XLA:CPU writes out the idle rows' select, shared, as [N, K]: only if noisy)
+            dz = xla_cpu_form(
+                lambda: lax.cond(noisy, lambda: dense(True, True), lambda: dense(True)),
+                lambda: dense(True, True),
+            )
     else:
         # XLA:CPU does not vectorise the compare and selects well: they took a third of the
         # backward's time at N=4096 V=32768 float32. Only NaN rows (labels out of range) need
         # them, to keep their impossible classes at 0. (Not for a 16-bit dz: the cond's result
         # would be a second copy of it besides the one its scattered bits make.)
         fast = jnp.all(jnp.isfinite(coef))
+        quiet = idle is not None
+        if quiet:
+            fast &= ~noisy
         if spec.label_smoothing:
             fast &= jnp.all(num_possible == num_classes)
         dz = xla_cpu_form(
-            lambda: lax.cond(fast, lambda: dense(False), lambda: dense(True)),
-            lambda: dense(True),
+            lambda: lax.cond(fast, lambda: dense(False), lambda: dense(True, quiet)),
+            lambda: dense(True, quiet),
         )
     g = g_loss[..., None]
     # -g * a * log p: exactly 0 where g * a = 0 (uncounted rows, zero targets), +inf where a
@@ -447,6 +486,8 @@ def row_cotangents(
         dlabels = neg_log_p(masked_fill(scale, mask, 0.0))
     dweights = None
     if class_weights is not None and u is not None:
+        if idle is not None and not spec.integer_labels:  # (NaN soft labels: 0 * NaN)
+            u = jnp.where(idle[..., None], 0.0, u)
         dweights = jnp.sum(neg_log_p(u), axis=tuple(range(z.ndim - 1)))
     if scattered:  # (the entries are written in the final dtype)
         dz, dlabels, dweights = entry_cotangents(
@@ -460,29 +501,36 @@ def row_cotangents(
 # The in-place path: a custom VJP over logits that hold every (local) class.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def row_losses(logits, labels, mask, class_weights, spec: Spec):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def row_losses(logits, labels, mask, counted, class_weights, spec: Spec):
+    """Each row's loss, logsumexp and whether its label is the top class (integer labels).
+
+    ``counted`` (None: every row) marks the rows whose loss the caller keeps: their
+    cotangents are 0 elsewhere, and so is their gradient, whatever their logits and labels
+    hold (see :func:`_quiet_rows`)."""
     stats = row_stats(logits, labels, mask, class_weights, spec)
     return stats.loss, stats.logsumexp, stats.correct
 
 
-def _row_losses_fwd(logits, labels, mask, class_weights, spec):
+def _row_losses_fwd(logits, labels, mask, counted, class_weights, spec):
     # The primal is recomputed here rather than by calling row_losses, so that jax.hessian
     # (forward-over-reverse) can differentiate this function.
     stats = row_stats(logits, labels, mask, class_weights, spec)
-    residuals = (logits, labels, mask, class_weights, *stats[1:4])
+    residuals = (logits, labels, mask, counted, class_weights, *stats[1:4])
     return (stats.loss, stats.logsumexp, stats.correct), residuals
 
 
 def _row_losses_bwd(spec, residuals, cotangents):
-    logits, labels, mask, class_weights, normalizer, target_mass, num_possible = residuals
+    logits, labels, mask, counted, class_weights, normalizer, target_mass, num_possible = residuals
     g_loss, g_lse, _ = cotangents  # `correct` is piecewise constant: no gradient
     z = upcast_unshared(logits)
     # (sparse labels' weights come in the compute dtype)
     targets = labels if spec.integer_labels or spec.sparse_labels else upcast_unshared(labels)
+    # Rows left out (ignored or masked examples) get no cotangent: their gradient is 0.
+    idle = None if counted is None else ~counted & (g_lse == 0)
     dz, dlabels, dweights = row_cotangents(
         z, targets, mask, class_weights, normalizer, target_mass, num_possible, g_loss, g_lse, spec,
-        dtype=logits.dtype, scatter=True,
+        dtype=logits.dtype, scatter=True, idle=idle,
     )
     if spec.sparse_labels:  # no gradient for the indices
         weights = labels.weights
@@ -491,7 +539,7 @@ def _row_losses_bwd(spec, residuals, cotangents):
         dlabels = sum_like(dlabels.astype(labels.dtype), labels)
     if dweights is not None:
         dweights = sum_like(dweights.astype(class_weights.dtype), class_weights)
-    return sum_like(dz.astype(logits.dtype), logits), dlabels, None, dweights
+    return sum_like(dz.astype(logits.dtype), logits), dlabels, None, None, dweights
 
 
 row_losses.defvjp(_row_losses_fwd, _row_losses_bwd)

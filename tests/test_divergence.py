@@ -247,6 +247,19 @@ def test_class_and_example_masks(kind):
         zs[:, class_mask], zt[:, class_mask], kind=kind, where=examples, reduction="mean"
     )
     np.testing.assert_allclose(mean, want[:3].mean(), rtol=1e-5)
+    # ... at no [N, K] cost, and junk in the left-out rows reaches no gradient either
+    clean_s = np.where(np.isnan(zs), 0.3, zs)  # (row 0's masked class is counted here)
+    junk_s = clean_s.copy()
+    junk_s[3, 0] = np.nan
+    want_s, want_t = np_closed_form_grads(
+        clean_s.astype(np.float64), np.nan_to_num(zt.astype(np.float64), posinf=0.0),
+        kind, 0.5, 1.0, np.broadcast_to(examples[:, None], zs.shape), g,
+    )
+    for rows in (examples, examples[:, None]):
+        grads = jax.grad(f, argnums=(0, 1))(junk_s, zt, rows)
+        assert np.all(grads[0][3] == 0.0) and np.all(grads[1][3] == 0.0)
+        np.testing.assert_allclose(grads[0], want_s, atol=1e-6)
+        np.testing.assert_allclose(grads[1], want_t, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)

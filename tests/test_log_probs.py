@@ -187,6 +187,30 @@ def test_in_place_matches_references(rng, temperature, softcap, mask_kind, ignor
         np.testing.assert_allclose(jax.grad(only)(z), grads["log_probs"], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("where_shape", ["batch", "keepdims"])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_example_mask_leaves_junk_rows_out(rng, where_shape, softcap):
+    """A ``where`` constant over the classes leaves out whole examples: NaN and infinite
+    logits and out-of-range labels there reach neither the outputs nor the gradient."""
+    z, labels, a, b = make_logits(rng)
+    rows = np.ones(N, bool)
+    rows[[2, 7]] = False
+    junk, junk_labels = z.copy(), labels.copy()
+    junk[2], junk[7, :3], junk_labels[7] = np.nan, np.inf, K + 4
+    where = rows if where_shape == "batch" else rows[:, None]
+    f = lambda z: jaxce.label_log_probs(
+        z, junk_labels, where=where, logit_softcap=softcap, return_entropy=True
+    )
+    lp, h, grads = values_and_grads(f, (jnp.asarray(junk, jnp.float32),), a, b)
+    ref = {"softcap": softcap, "mask": rows[:, None], "counted": rows}
+    ref_lp, ref_h = np_reference(z, labels, **ref)[:2]
+    np.testing.assert_allclose(lp, ref_lp, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h, ref_h, rtol=1e-5, atol=1e-5)
+    grpo = np_grad(z, labels, a, BETA * b, **ref)
+    np.testing.assert_array_equal(np.asarray(grads["grpo"])[~rows], 0.0)
+    np.testing.assert_allclose(grads["grpo"], grpo, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float64])
 def test_in_place_dtypes(rng, dtype):
     """float32 and bf16 compute in float32 (bf16 inputs rounded first, references on the rounded

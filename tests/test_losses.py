@@ -419,6 +419,82 @@ def test_integer_per_example_where_of_batch_shape(rng):
     np.testing.assert_array_equal(np.asarray(g)[~rows], 0.0)
 
 
+@pytest.mark.parametrize("forms", ["cpu", "plain"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind", ["int", "soft", "sparse"])
+@pytest.mark.parametrize("where_shape", ["batch", "keepdims"])
+@pytest.mark.parametrize("options", [False, True])
+def test_example_mask_leaves_junk_rows_out(rng, monkeypatch, forms, dtype, kind, where_shape, options):
+    """A ``where`` constant over the classes leaves out whole examples: NaN and infinite
+    logits, labels and sample weights there reach neither the value nor any gradient (an
+    ignored row's too), and the kept rows match the float64 reference."""
+    from jaxce import _row_sums
+
+    monkeypatch.setattr(_row_sums, "CPU_FORMS", forms == "cpu")
+    n, k = 6, 7
+    rows = np.array([True, False, True, False, True, False])
+    z = np.asarray(jnp.asarray(rng.normal(size=(n, k)) * 3, dtype).astype(jnp.float32))
+    junk = z.copy()
+    junk[1], junk[3, 2], junk[5] = np.nan, np.inf, -np.inf
+    ints = rng.integers(0, k, size=n)
+    soft = dirichlet(rng, (n, k))
+    soft = np.asarray(jnp.asarray(soft, dtype).astype(jnp.float32))
+    ignore = {}
+    if kind == "int":
+        ints[[1, 3, 5]] = [-1, k + 5, -100]
+        ints[2], junk[2] = -100, np.nan  # ignored, with NaN logits
+        ignore = {"ignore_index": -100}
+        labels, ref_labels = (ints,), ints
+    elif kind == "soft":
+        junk_soft = soft.copy()
+        junk_soft[1], junk_soft[3, 0] = np.nan, np.inf
+        labels, ref_labels = (jnp.asarray(junk_soft, dtype),), soft
+    else:  # k = 2 entries, the second of weight 0 (padding); junk entries on masked rows
+        idx = np.stack([ints, np.full(n, -1)], -1)
+        wts = np.stack([np.full(n, 0.75), np.zeros(n)], -1).astype(np.float32)
+        idx[1], wts[1], wts[3, 0] = [k + 3, -7], [np.nan, 1.0], np.inf
+        labels, ref_labels = (idx, wts), 0.75 * np.eye(k)[ints]
+    opts = dict(label_smoothing=0.1, z_loss=0.01, reduction="mean") if options else {}
+    cw = (rng.random(k) + 0.5).astype(np.float32) if options else None
+    sw = np.where(rows, rng.random(n) + 0.5, np.nan).astype(np.float32)
+    where = rows if where_shape == "batch" else rows[:, None]
+    loss = {"int": ce_int, "soft": ce_soft, "sparse": jaxce.softmax_cross_entropy_with_sparse_labels}[kind]
+
+    def f(z, labels, cw, sw):
+        out = loss(z, *labels, where=where, class_weights=cw, sample_weights=sw, **ignore, **opts)
+        return jnp.sum(out)
+
+    soft_argnum = (1,) if kind == "soft" else ()
+    argnums = (0, 3) + soft_argnum + ((2,) if options else ())
+    value, grads = jax.jit(jax.value_and_grad(f, argnums))(jnp.asarray(junk, dtype), labels, cw, sw)
+    grads = dict(zip(argnums, grads))
+    ref_kw = dict(integer=kind == "int", mask=np.broadcast_to(rows[:, None], (n, k)),
+                  eps=opts.get("label_smoothing", 0.0), zl=opts.get("z_loss", 0.0),
+                  reduction=opts.get("reduction", "none"), ignore=ignore.get("ignore_index"))
+    clean_sw = np.where(rows, sw, 1.0)
+    ref = np.sum(np_ref(z, ref_labels, cw=cw, sw=clean_sw, **ref_kw))
+    tol = F32 if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(value, ref, rtol=1e-5, atol=1e-6)
+    names = ("z", "labels", "cw", "sw")  # (jnp_ref_grad takes sw after cw: ones for none)
+    argnums = tuple(i for i, name in enumerate(names) if name != "labels" or kind == "soft")
+    ref_cw = np.ones(k, np.float32) if cw is None else cw
+    ref_grads = jnp_ref_grad(argnums, z, ref_labels, cw=ref_cw, sw=clean_sw, **ref_kw)
+    ref_grads = dict(zip([names[i] for i in argnums], ref_grads))
+    dead = ~rows | (ints == -100) if kind == "int" else ~rows
+    gz = np.asarray(grads[0].astype(jnp.float32))
+    assert grads[0].dtype == dtype
+    np.testing.assert_array_equal(gz[dead], 0.0)
+    np.testing.assert_allclose(gz, ref_grads["z"], **tol)
+    np.testing.assert_array_equal(np.asarray(grads[3])[dead], 0.0)
+    np.testing.assert_allclose(grads[3], np.where(rows, ref_grads["sw"], 0.0), **tol)
+    if kind == "soft":
+        gy = np.asarray(grads[1][0].astype(jnp.float32))
+        np.testing.assert_array_equal(gy[dead], 0.0)
+        np.testing.assert_allclose(gy, ref_grads["labels"], **tol)
+    if options:
+        np.testing.assert_allclose(grads[2], ref_grads["cw"], **tol)
+
+
 def test_optax_parity_sigmoid_bce(rng):
     z = rng.normal(size=(3, 4)).astype(np.float32) * 3
     y = rng.random((3, 4)).astype(np.float32)
@@ -1056,6 +1132,25 @@ def test_options_keep_block_sized_scratch(integer, opts):
     smoothing_shares = "label_smoothing" in opts
     bound = 2 * 4 * n * v + 8 * 2**20 if smoothing_shares else 7 * 4 * 2**20  # 80 MiB before
     assert temp <= bound, temp
+
+@pytest.mark.parametrize("integer", [True, False], ids=["integer", "soft"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("opts", [{}, dict(label_smoothing=0.1, z_loss=1e-4)], ids=["plain", "options"])
+def test_an_example_mask_costs_what_no_mask_costs(integer, dtype, opts):
+    """A ``where`` of the batch shape leaves rows out as ignored labels do: the same scratch as
+    without a mask (it had been broadcast to an [N, V] class mask, with the select forms' [N, V]
+    scratch: 12 MiB and up here). The mask is an argument: a constant one would be folded."""
+    n, v = 1024, 8192
+    z = jax.ShapeDtypeStruct((n, v), dtype)
+    y = jax.ShapeDtypeStruct((n,) if integer else (n, v), jnp.int32 if integer else dtype)
+    rows = jax.ShapeDtypeStruct((n,), jnp.bool_)
+    f = ce_int if integer else ce_soft
+    loss = lambda z, y, where: f(z, y, where=where, reduction="mean", **opts)
+    temp = lambda step, *args: step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    masked = temp(jax.jit(jax.value_and_grad(loss)), z, y, rows)
+    plain = temp(jax.jit(jax.value_and_grad(lambda z, y: loss(z, y, None))), z, y)
+    assert masked <= plain + 64 * n, (masked, plain)
+
 
 def test_class_weights_mean_is_pytorch_weighted_mean(rng):
     # PyTorch: sum_n w[y_n] * l_n / sum_n w[y_n] over the non-ignored n.
