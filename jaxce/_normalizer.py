@@ -11,6 +11,7 @@ from ._row_sums import (
     if_all_finite,
     in_row_blocks,
     reduce_rows,
+    softcap,
     sum_exp,
     summable,
 )
@@ -59,10 +60,12 @@ def shifted_normalizer(z, shift, spec: Spec) -> Normalizer:
 
 def row_max(raw, z, mask, spec: Spec) -> jax.Array:
     """Each row's largest (capped, masked) logit over all shards; -inf for an empty row."""
-    if mask is None and spec.logit_softcap is None:
+    if mask is None:
         # The max of the raw dtype is exact; taken before the upcast, XLA fuses the upcast into
-        # each pass instead of writing an upcast copy of the (bf16) logits.
-        return class_max(reduce_rows(lambda r: r, (raw,), op=jnp.max).astype(z.dtype), spec)
+        # each pass instead of writing an upcast copy of the (bf16) logits. The softcap is
+        # increasing: the capped maximum is the cap of the maximum (no tanh per logit).
+        top = class_max(reduce_rows(lambda r: r, (raw,), op=jnp.max).astype(z.dtype), spec)
+        return softcap(top, spec)
     return class_max(reduce_rows(lambda z: z, (z,), op=jnp.max), spec)
 
 

@@ -50,9 +50,17 @@ def from_bits(a: jax.Array, dtype) -> jax.Array:
 
 
 def softcap(z: jax.Array, spec: Spec) -> jax.Array:
-    r""":math:`c \tanh(z / c)` (Gemma 2's logit soft-capping), or ``z`` when no cap is set."""
+    r""":math:`c \tanh(z / c)` (Gemma 2's logit soft-capping), or ``z`` when no cap is set.
+
+    A -inf logit (an impossible class) stays -inf, by arithmetic: ``min(z - lowest, 0)`` is
+    0 for every finite or +inf ``z`` and -inf for -inf. A select there (or a compare) would
+    not be fused into the row sums on XLA:CPU, and the capped [N, K] logits would be written
+    out for them (512 MiB at N=4096 K=32768 float32, and 4x the plain forward's time).
+    """
     c = spec.logit_softcap
-    return z if c is None else c * jnp.tanh(z / c)
+    if c is None:
+        return z
+    return c * jnp.tanh(z / c) + jnp.minimum(z - jnp.finfo(z.dtype).min, 0.0)
 
 
 def possible_classes(z, mask):
@@ -205,18 +213,17 @@ def _no_impossible(raw):
     return jnp.min(raw, initial=jnp.inf) > -jnp.inf
 
 
-def unless_impossible(raw, fast, exact, spec: Spec):
+def unless_impossible(raw, fast, exact):
     """``fast()`` if no logit of ``raw`` is -inf, else ``exact()``; both build from raw inputs.
 
-    float32 logits without a softcap: ``fast()`` runs first, and its results are the test (a
-    -inf logit makes the fast sums infinite or NaN), at no cost. Otherwise the test is a min of
-    the raw logits (the softcap maps -inf to the finite -c, so the sums cannot tell), and
-    ``fast()`` runs inside the cond: for bfloat16 / float16 its upcast of the logits is then its
-    own, where XLA:CPU merges equal upcasts and writes one feeding two reductions out whole as
-    a float32 copy (twice the logits' size, and its page faults on every call). XLA:CPU only;
-    elsewhere ``exact()``.
+    float32 logits: ``fast()`` runs first, and its results are the test (a -inf logit, capped
+    or not, makes the fast sums infinite or NaN), at no cost. Otherwise the test is a min of
+    the raw logits, and ``fast()`` runs inside the cond: for bfloat16 / float16 its upcast of
+    the logits is then its own, where XLA:CPU merges equal upcasts and writes one feeding two
+    reductions out whole as a float32 copy (twice the logits' size, and its page faults on
+    every call). XLA:CPU only; elsewhere ``exact()``.
     """
-    if not low_precision(raw) and spec.logit_softcap is None:
+    if not low_precision(raw):
         def checked_fast():
             value = fast()
             leaves = jax.tree.leaves(value)
@@ -296,11 +303,13 @@ def count_possible(raw, mask, class_weights, spec: Spec):
 def capped_logits(raw, mask, spec: Spec):
     """The softcapped logits with impossible classes at -inf, in the compute dtype.
 
-    Without a mask or cap this is just the upcast: a -inf logit already is -inf, and no
-    select is built (it would be written out before each reduction).
+    Without a mask this is the upcast and the cap: a -inf logit stays -inf, and no select is
+    built (it would be written out before each reduction). (bfloat16 / float16 with a cap keep
+    the select: XLA:CPU hands the sum of their fused cap to a YNNPACK reduction that writes out
+    each constant of the cap as an [N, K] operand, 2 GiB at N=4096 K=32768.)
     """
     z = softcap(raw.astype(compute_dtype(raw.dtype)), spec)
-    if mask is None and spec.logit_softcap is None:
+    if mask is None and (spec.logit_softcap is None or not low_precision(raw)):
         return z
     return masked_fill(z, possible_classes(raw, mask))
 

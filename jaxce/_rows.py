@@ -94,30 +94,31 @@ class RowStats(NamedTuple):
 def _smoothing_sums(raw, z, mask, class_weights, shift, spec: Spec):
     """``(K_m, sum_k w_k m_k, sum_k w_k m_k (c - z_k))`` over the possible classes m (local).
 
-    Without a mask or cap, one fused pass ``sum_k w_k (c - z_k)`` is exact when no row holds
-    a -inf logit (then m = 1 and K_m = K); only otherwise the select-free sums run, under a
-    cond. With a mask or cap, the select form (``z`` are the capped, -inf-masked logits).
+    Without a mask, one fused pass ``sum_k w_k (c - z_k)`` is exact when no row holds a -inf
+    logit (then m = 1 and K_m = K); only otherwise the select-free sums run, under a cond.
+    With a mask, the select form (``z`` are the capped, -inf-masked logits).
     """
     dtype = z.dtype
     w = jnp.ones(z.shape[-1:], dtype) if class_weights is None else class_weights
-    if mask is not None or spec.logit_softcap is not None:
+    capped = lambda r: softcap(r.astype(dtype), spec)
+    if mask is not None:
         possible = possible_classes(raw, mask)
         wm = w * possible.astype(dtype)
         gap = jnp.sum(xdiff(wm, shift[..., None], z), axis=-1)
         return jnp.sum(possible, axis=-1, dtype=dtype), jnp.sum(wm, axis=-1), gap
 
     def all_possible():
-        gap = reduce_rows(lambda r, c, w: w * (c - r.astype(dtype)), (raw,), (shift,), (w,))
+        gap = reduce_rows(lambda r, c, w: w * (c - capped(r)), (raw,), (shift,), (w,))
         zero = 0.0 * gap  # (a row vector from data, see if_all_finite)
         return zero + z.shape[-1], zero + jnp.sum(w), gap
 
     def sums(raw, shift):
         zf = raw.astype(dtype)
         m = possible_indicator(zf)
-        return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1), finite_gap(w * m, zf, shift)
+        return jnp.sum(m, axis=-1), jnp.sum(w * m, axis=-1), finite_gap(w * m, capped(zf), shift)
 
     exact = lambda: in_row_blocks(sums, raw, shift, blocked=low_precision(raw))
-    return unless_impossible(raw, all_possible, exact, spec)
+    return unless_impossible(raw, all_possible, exact)
 
 
 def _label_logit(raw, labels, mask, spec: Spec):
@@ -257,7 +258,7 @@ def _soft_terms(raw, labels, mask, class_weights, top, normalizer, spec: Spec):
         block_gap, raw, labels, mask, normalizer.shift, num_possible,
         blocked=low_precision(raw) or selects,
     )
-    gap = exact() if mask is not None else unless_impossible(raw, fast, exact, spec)
+    gap = exact() if mask is not None else unless_impossible(raw, fast, exact)
     mass = class_sum(jnp.sum(w * masked_fill(labels.astype(dtype), mask, 0.0), axis=-1), spec)
     if eps:
         mass = (1.0 - eps) * mass + eps * weight_possible / jnp.maximum(num_possible, 1.0)
@@ -433,26 +434,27 @@ def row_cotangents(
         dz = jnp.exp(log_p) * coef[..., None]
         if t is not None:
             dz = dz - g_loss[..., None] * t
-        if spec.logit_softcap is not None:
-            dz = dz * (1.0 - (capped / spec.logit_softcap) ** 2)
+        if spec.logit_softcap is not None:  # (the slope is 0 at -inf, not -inf: no select)
+            c = spec.logit_softcap
+            dz = dz * (1.0 - (jnp.maximum(capped, -c) / c) ** 2)
         return dz if possible is None else masked_fill(dz, possible, 0.0)
 
     def dense(select: bool, quiet: bool = False):
         """``cotangent`` over all classes, built from ``z`` (a cond's operands are written
         out); ``select=False`` gives an impossible class (-inf) its 0 by exp(-inf) = 0 alone,
-        which holds without a mask, a softcap or dense targets, in rows of finite ``coef``
+        which holds without a mask or dense targets, in rows of finite ``coef``
         (and, with smoothing, whose share would go to every class, where all are possible).
         ``quiet``: the idle rows' classes are selected away too (their NaN or infinite
         logits or labels would give 0 * NaN).
         In ``dtype`` (a cond's float32 result would be written out before its rounding)."""
         possible = possible_classes(z, mask)
         possible = possible & ~idle[..., None] if quiet else possible
-        capped = masked_fill(softcap(z, spec), possible) if select else z
+        capped = masked_fill(softcap(z, spec), possible) if select else softcap(z, spec)
         t = targets(possible if select else None)[1]
         dz = cotangent(normalizer.log_probs(capped), t, capped, possible if select else None)
         return dz if dtype is None else dz.astype(dtype)
 
-    if mask is not None or spec.logit_softcap is not None or not (scattered and wide):
+    if mask is not None or not (scattered and wide):
         if idle is None or not wide:  # (XLA:CPU would copy a cond's 16-bit result)
             dz = dense(True, idle is not None)
         else:  # (XLA:CPU writes out the idle rows' select, shared, as [N, K]: only if noisy)

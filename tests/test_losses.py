@@ -1152,6 +1152,21 @@ def test_an_example_mask_costs_what_no_mask_costs(integer, dtype, opts):
     assert masked <= plain + 64 * n, (masked, plain)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_softcap_is_not_written_out(smoothing):
+    """Without a mask the softcap keeps -inf by arithmetic, not a select (which XLA:CPU writes
+    out before the row sums): the forward pass of float32 integer labels keeps at most a row
+    block (it kept the capped [N, V] logits, 64 MiB here); with smoothing, whose sum shares
+    the capped logits, two arrays (it kept three)."""
+    n, v = 4096, 4096
+    z = jax.ShapeDtypeStruct((n, v), jnp.float32)
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+    loss = lambda z, y: ce_int(z, y, logit_softcap=30.0, label_smoothing=smoothing, reduction="mean")
+    temp = jax.jit(loss).lower(z, y).compile().memory_analysis().temp_size_in_bytes
+    bound = 4 * 2**20 + 64 * n if not smoothing else 2 * 4 * n * v + 4 * 2**20
+    assert temp <= bound, temp
+
+
 def test_class_weights_mean_is_pytorch_weighted_mean(rng):
     # PyTorch: sum_n w[y_n] * l_n / sum_n w[y_n] over the non-ignored n.
     z = rng.normal(size=(4, 3)).astype(np.float32)
