@@ -11,7 +11,7 @@ from ._row_sums import (
     if_all_finite,
     in_row_blocks,
     reduce_rows,
-    softcap,
+    softcap_keeping_impossible,
     sum_exp,
     summable,
 )
@@ -65,7 +65,7 @@ def row_max(raw, z, mask, spec: Spec) -> jax.Array:
         # each pass instead of writing an upcast copy of the (bf16) logits. The softcap is
         # increasing: the capped maximum is the cap of the maximum (no tanh per logit).
         top = class_max(reduce_rows(lambda r: r, (raw,), op=jnp.max).astype(z.dtype), spec)
-        return softcap(top, spec)
+        return softcap_keeping_impossible(top, spec)
     return class_max(reduce_rows(lambda z: z, (z,), op=jnp.max), spec)
 
 

@@ -50,17 +50,21 @@ def from_bits(a: jax.Array, dtype) -> jax.Array:
 
 
 def softcap(z: jax.Array, spec: Spec) -> jax.Array:
-    r""":math:`c \tanh(z / c)` (Gemma 2's logit soft-capping), or ``z`` when no cap is set.
-
-    A -inf logit (an impossible class) stays -inf, by arithmetic: ``min(z - lowest, 0)`` is
-    0 for every finite or +inf ``z`` and -inf for -inf. A select there (or a compare) would
-    not be fused into the row sums on XLA:CPU, and the capped [N, K] logits would be written
-    out for them (512 MiB at N=4096 K=32768 float32, and 4x the plain forward's time).
-    """
+    r""":math:`c \tanh(z / c)` (Gemma 2's logit soft-capping), or ``z`` when no cap is set."""
     c = spec.logit_softcap
-    if c is None:
+    return z if c is None else c * jnp.tanh(z / c)
+
+
+def softcap_keeping_impossible(z: jax.Array, spec: Spec) -> jax.Array:
+    """:func:`softcap`, with a -inf logit (an impossible class) kept at -inf by arithmetic:
+    ``min(z - lowest, 0)`` is 0 for every finite or +inf ``z`` and -inf for -inf. A select
+    there (or a compare) would not be fused into the row sums on XLA:CPU, and the capped
+    [N, K] logits would be written out for them (512 MiB at N=4096 K=32768 float32, and 4x
+    the plain forward's time). Where a select masks the logits anyway, :func:`softcap`.
+    """
+    if spec.logit_softcap is None:
         return z
-    return c * jnp.tanh(z / c) + jnp.minimum(z - jnp.finfo(z.dtype).min, 0.0)
+    return softcap(z, spec) + jnp.minimum(z - jnp.finfo(z.dtype).min, 0.0)
 
 
 def possible_classes(z, mask):
@@ -308,10 +312,10 @@ def capped_logits(raw, mask, spec: Spec):
     the select: XLA:CPU hands the sum of their fused cap to a YNNPACK reduction that writes out
     each constant of the cap as an [N, K] operand, 2 GiB at N=4096 K=32768.)
     """
-    z = softcap(raw.astype(compute_dtype(raw.dtype)), spec)
+    z = raw.astype(compute_dtype(raw.dtype))
     if mask is None and (spec.logit_softcap is None or not low_precision(raw)):
-        return z
-    return masked_fill(z, possible_classes(raw, mask))
+        return softcap_keeping_impossible(z, spec)
+    return masked_fill(softcap(z, spec), possible_classes(raw, mask))
 
 
 def smoothed_targets(
