@@ -513,7 +513,7 @@ def row_losses(logits, labels, mask, counted, class_weights, spec: Spec):
 
     ``counted`` (None: every row) marks the rows whose loss the caller keeps: their
     cotangents are 0 elsewhere, and so is their gradient, whatever their logits and labels
-    hold (see :func:`_quiet_rows`)."""
+    hold (see ``idle`` in :func:`row_cotangents`)."""
     stats = row_stats(logits, labels, mask, class_weights, spec)
     return stats.loss, stats.logsumexp, stats.correct
 
