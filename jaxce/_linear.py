@@ -3,8 +3,9 @@ r"""Softmax cross-entropy of a linear layer, ``x @ w + bias``, without the N x V
 A language model's last step, ``logits = x @ w`` for N tokens and V classes, makes the two
 largest tensors of the whole training step: the logits and their gradient (N·V·4 bytes each,
 8 GiB at N=4096, V=262144). :func:`linear_softmax_cross_entropy` never holds more than a block
-of them, and the loss mathematics of :mod:`jaxce._rows` (``row_stats``, ``row_cotangents``,
-``finish``) applies to each block unchanged:
+of them, and the loss mathematics of :mod:`jaxce._row_stats`, :mod:`jaxce._row_cotangents` and
+:mod:`jaxce._options` (``row_stats``, ``row_cotangents``, ``finish``) applies to each block
+unchanged:
 
 - with a scalar reduction (``"mean"``, ``"sum"``) the cotangent of every example's loss is
   known before any logit is computed (the reduction is linear in the per-example losses), so
@@ -63,7 +64,7 @@ of its entries: about this many bytes (``rows x k x D``)."""
 
 def _label_cotangent(x, w, bias, labels, mask, class_weights, opts, normalizer, g_loss):
     r"""The labels' cotangent: None for integer labels; for sparse labels their weights'
-    (:func:`jaxce._rows.entry_weight_cotangents`), from the entries' logits
+    (:func:`jaxce._entries.entry_weight_cotangents`), from the entries' logits
     :math:`x_n \cdot w_{:, i_j} + b_{i_j}` computed by gathering their k columns of ``w``
     (O(N k D), in blocks of rows): no sweep over the classes."""
     if not opts.spec.sparse_labels:

@@ -9,7 +9,7 @@ import numpy as np
 from jax import lax
 
 from ._normalizer import label_lookup
-from ._rows import z_loss_term
+from ._row_stats import z_loss_term
 from ._softmax import move_axes_last
 from ._spec import SparseLabels, Spec, class_sum, varying_axes
 from ._validation import (

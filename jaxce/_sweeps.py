@@ -22,7 +22,8 @@ from jax import lax
 
 from ._normalizer import Normalizer
 from ._options import Options, check_varying
-from ._rows import row_cotangents, row_stats
+from ._row_cotangents import row_cotangents
+from ._row_stats import row_stats
 from ._spec import vary_over, varying_axes
 from ._validation import check_floating, check_shape, compute_dtype, static_int
 from ._value_checks import check_finite
@@ -69,7 +70,7 @@ def default_block_size(num_rows: int, num_classes: int) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # One sweep over the blocks of rows. Every mode reads the same logits z_b = x_b w + bias; the
-# shared mathematics of _rows.py turns them into statistics and cotangents.
+# shared mathematics of _row_stats.py and _row_cotangents.py turns them into statistics and cotangents.
 
 
 def block_logits(xb, w, bias, dtype):

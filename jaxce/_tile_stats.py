@@ -11,9 +11,9 @@ logit :math:`m`, :math:`s = \sum_k e^{z_k - m}`, label smoothing's sums relative
 :math:`m`, and the label's raw logit if the tile holds it. Two partials merge exactly, after
 rebasing both onto the larger maximum :math:`M` (:math:`s\, e^{m - M}`, and the smoothing's
 spread :math:`\sum_k w_k m_k (m - z_k)` gains :math:`W (M - m)`): online over the tiles, then
-over the class shards. The merged partial is turned into :class:`~jaxce._rows.RowStats` by the
-functions the in-place loss uses (:func:`~jaxce._rows.integer_label_stats`,
-:func:`~jaxce._rows.sparse_label_stats`): the options live there, once. The normaliser is
+over the class shards. The merged partial is turned into :class:`~jaxce._row_stats.RowStats` by the
+functions the in-place loss uses (:func:`~jaxce._row_stats.integer_label_stats`,
+:func:`~jaxce._row_stats.sparse_label_stats`): the options live there, once. The normaliser is
 shifted by the row's maximum.
 """
 
@@ -26,8 +26,7 @@ from jax import lax
 from ._entries import local_entries
 from ._normalizer import Normalizer, row_max
 from ._options import Options
-from ._row_sums import capped_logits, sum_exp
-from ._rows import (
+from ._row_stats import (
     RowStats,
     capped_entry_logits,
     capped_label_logit,
@@ -35,6 +34,7 @@ from ._rows import (
     smoothing_sums,
     sparse_label_stats,
 )
+from ._row_sums import capped_logits, sum_exp
 from ._spec import Spec, class_max, class_sum
 from ._sweeps import block_logits, row_blocks
 from ._tiles import over_tiles
@@ -95,7 +95,7 @@ def tile_partial(raw, ids, mask, class_weights, fresh, columns, spec: Spec) -> P
 
 
 def stats_from_partial(p: Partial, labels, mask, class_weights, spec: Spec) -> RowStats:
-    """The :class:`~jaxce._rows.RowStats` of the merged statistics over all classes."""
+    """The :class:`~jaxce._row_stats.RowStats` of the merged statistics over all classes."""
     normalizer = Normalizer(p.top, jnp.log(p.sum_exp))
     if spec.integer_labels:
         label_logit, found = capped_label_logit(p.label[..., 0], p.found[..., 0], labels, mask, spec)
@@ -107,7 +107,7 @@ def stats_from_partial(p: Partial, labels, mask, class_weights, spec: Spec) -> R
 
 
 def tiled_stats(x, w, bias, labels, mask, class_weights, opts: Options, tile) -> RowStats:
-    """:class:`~jaxce._rows.RowStats` of ``x @ w + bias`` against integer or sparse labels,
+    """:class:`~jaxce._row_stats.RowStats` of ``x @ w + bias`` against integer or sparse labels,
     over tiles of ``cols`` columns and, inside each, blocks of ``rows`` rows (``tile = (rows,
     cols)``, :func:`jaxce._tiles.tile_shape`).
 

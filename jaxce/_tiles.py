@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._options import Options
+from ._row_cotangents import row_cotangents
 from ._row_sums import from_bits, to_bits
-from ._rows import row_cotangents
 from ._sweeps import add_block_grads, block_logits, block_row_cotangents, row_blocks, sum_shards
 from ._validation import compute_dtype
 
