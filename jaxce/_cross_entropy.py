@@ -19,6 +19,7 @@ from ._options import (
     finish,
     integer_labels,
     label_class_weights,
+    left_out_rows,
     logits_in_rows,
     make_options,
     sparse_labels,
@@ -48,8 +49,8 @@ def _in_place_loss(
     class_weights, sample_weights = check_weights(
         class_weights, sample_weights, z.shape[-1], batch_shape
     )
+    ignored = left_out_rows(ignored, examples)
     if examples is not None:
-        ignored = ~examples if ignored is None else ignored | ~examples
         if opts.spec.integer_labels:
             labels = jnp.where(ignored, 0, labels)  # (a padding label: no NaN, as ignored ones)
         elif opts.spec.sparse_labels:

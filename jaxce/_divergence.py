@@ -42,6 +42,7 @@ from ._options import (
     counted_rows,
     example_mask,
     finish,
+    left_out_rows,
     logits_in_rows,
     make_options,
 )
@@ -324,7 +325,6 @@ def softmax_divergence(
     _, sample_weights = check_weights(None, sample_weights, student.shape[-1], batch_shape)
     loss = divergence_rows(student, teacher, mask, spec)
     # (examples left out get g = 0, and so exact zeros from ``pulled``: no [N, K] mask)
-    left_out = None if examples is None else ~examples
-    counted = counted_rows(mask, left_out, batch_shape, opts.spec)
+    counted = counted_rows(mask, left_out_rows(None, examples), batch_shape, opts.spec)
     segments = check_segments(segment_ids, batch_shape, opts)
     return finish(loss, None, None, None, counted, None, sample_weights, opts, segments)

@@ -42,6 +42,7 @@ from ._options import (
     counted_rows,
     example_mask,
     integer_labels,
+    left_out_rows,
     logits_in_rows,
     make_options,
 )
@@ -339,7 +340,7 @@ def label_log_probs(
     what = f"logits shape without axis {axis}"
     ids, ignored = integer_labels(labels, batch_shape, what, opts.ignore_index)
     if examples is not None:  # examples left out as ignored ones, with no [..., K] mask
-        ignored = ~examples if ignored is None else ignored | ~examples
+        ignored = left_out_rows(ignored, examples)
         ids = jnp.where(ignored, 0, ids)
     check_finite("logits", logits, axes, where=where, class_axis_name=class_axis_name)
     check_labels(

@@ -236,6 +236,14 @@ def finish(
     return out, aux
 
 
+def left_out_rows(ignored, examples):
+    """The rows whose loss is not kept: the ``ignored`` labels' (None: none) and those an
+    example mask (:func:`example_mask`; None: none) leaves out. None if there are none."""
+    if examples is None:
+        return ignored
+    return ~examples if ignored is None else ignored | ~examples
+
+
 def counted_rows(mask, ignored, batch_shape, spec: Spec):
     """Examples that count: not ignored, and with at least one unmasked class (all shards)."""
     counted = jnp.ones(batch_shape, bool) if ignored is None else ~ignored
