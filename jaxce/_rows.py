@@ -48,9 +48,9 @@ from ._spec import SparseLabels, Spec, sum_like
 def row_losses(logits, labels, mask, counted, class_weights, spec: Spec):
     """Each row's loss, logsumexp and whether its label is the top class (integer labels).
 
-    ``counted`` (None: every row) marks the rows whose loss the caller keeps: their
-    cotangents are 0 elsewhere, and so is their gradient, whatever their logits and labels
-    hold (see ``idle`` in :func:`row_cotangents`)."""
+    ``counted`` (None: every row) marks the rows whose loss the caller keeps; elsewhere the
+    loss's cotangent is 0, and a row whose logsumexp gets none either has a gradient of
+    exactly 0, whatever its logits and labels hold (see ``idle`` in :func:`row_cotangents`)."""
     stats = row_stats(logits, labels, mask, class_weights, spec)
     return stats.loss, stats.logsumexp, stats.correct
 
