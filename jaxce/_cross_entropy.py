@@ -47,7 +47,7 @@ def _in_place_loss(
     """
     check_varying(opts, ("logits", z), ("logits", z))
     class_weights, sample_weights = check_weights(
-        class_weights, sample_weights, z.shape[-1], batch_shape
+        class_weights, sample_weights, z.shape[-1], batch_shape, z.dtype
     )
     ignored = left_out_rows(ignored, examples)
     if examples is not None:
@@ -228,9 +228,10 @@ def softmax_cross_entropy_with_integer_labels(
         "logits", logits, axes, where=where,
         class_axis_name=class_axis_name, batch_axis_name=batch_axis_name,
     )
+    taking_part = lambda: counted_rows(mask, left_out_rows(None, examples), batch_shape, opts.spec)
     check_labels(
         labels, z.shape[-1], ignore_index=opts.ignore_index, class_axis_name=class_axis_name,
-        batch_axis_name=batch_axis_name,
+        batch_axis_name=batch_axis_name, taking_part=taking_part,
     )
     segments = check_segments(segment_ids, batch_shape, opts)
     return _in_place_loss(
@@ -330,10 +331,13 @@ def softmax_cross_entropy_with_sparse_labels(
     examples, class_where = example_mask(logits, axis, where, opts)
     z, mask, axes, batch_shape = logits_in_rows(logits, axis, class_where, opts)
     what = f"logits shape without axis {axis}"
-    labels = sparse_labels(label_indices, label_weights, batch_shape, what)
+    labels = sparse_labels(label_indices, label_weights, batch_shape, what, z.dtype)
     mesh_axes = {"class_axis_name": class_axis_name, "batch_axis_name": batch_axis_name}
     check_finite("logits", logits, axes, where=where, **mesh_axes)
-    check_sparse_labels(label_indices, label_weights, z.shape[-1], **mesh_axes)
+    taking_part = lambda: counted_rows(mask, left_out_rows(None, examples), batch_shape, opts.spec)
+    check_sparse_labels(
+        label_indices, label_weights, z.shape[-1], taking_part=taking_part, **mesh_axes
+    )
     segments = check_segments(segment_ids, batch_shape, opts)
     return _in_place_loss(
         z, labels, mask, None, batch_shape, class_weights, sample_weights, opts, segments,
@@ -391,9 +395,10 @@ def nll_loss(
     what = f"log_probs shape without axis {axis}"
     ids, ignored = integer_labels(labels, batch_shape, what, opts.ignore_index)
     check_distribution("log_probs", log_probs, axis, where=where, log=True)
-    check_labels(labels, lp.shape[-1], ignore_index=opts.ignore_index)
+    taking_part = lambda: counted_rows(mask, None, batch_shape, opts.spec)
+    check_labels(labels, lp.shape[-1], ignore_index=opts.ignore_index, taking_part=taking_part)
     class_weights, sample_weights = check_weights(
-        class_weights, sample_weights, lp.shape[-1], batch_shape
+        class_weights, sample_weights, lp.shape[-1], batch_shape, lp.dtype
     )
     lp = masked_fill(lp.astype(compute_dtype(lp.dtype)), mask)
     num_classes = lp.shape[-1]
@@ -445,5 +450,7 @@ def softmax_cross_entropy_hvp(
     check_shape("v", v, z.shape, "logits shape")
     check_finite("logits", z, axes, where=where)
     p = probabilities(z, mask, axes)
-    pv = p * v.astype(z.dtype)
+    # A class of p = 0 (masked, or a -inf logit) has a zero row and column of H: its entry of
+    # v takes no part, whatever it holds (NaN, inf would give 0 * NaN).
+    pv = p * jnp.where(p > 0, v.astype(z.dtype), 0.0)
     return pv - p * jnp.sum(pv, axis=axes, keepdims=True)

@@ -384,7 +384,9 @@ def linear_softmax_cross_entropy(
     batch_shape = x.shape[:-1]
     if sparse:
         names = ("labels", "label_weights")
-        sparse_ids = sparse_labels(labels, label_weights, batch_shape, "x's batch shape", names)
+        sparse_ids = sparse_labels(
+            labels, label_weights, batch_shape, "x's batch shape", jnp.result_type(x, w), names
+        )
         ignored = None
     else:
         ids, ignored = integer_labels(labels, batch_shape, "x's batch shape", opts.ignore_index)
@@ -392,9 +394,10 @@ def linear_softmax_cross_entropy(
     if filt is not None and not 0 <= filt < float("inf"):
         raise ValueError(f"gradient_filter must be a finite float >= 0 or None, got {filt!r}")
     class_weights, sample_weights = check_weights(
-        class_weights, sample_weights, num_classes, batch_shape
+        class_weights, sample_weights, num_classes, batch_shape, jnp.result_type(x, w)
     )
     mesh_axes = {"class_axis_name": class_axis_name, "batch_axis_name": batch_axis_name}
+    mesh_axes["taking_part"] = lambda: counted_rows(mask, None, batch_shape, opts.spec)
     if sparse:
         check_sparse_labels(labels, label_weights, num_classes, names=names, **mesh_axes)
     else:

@@ -180,6 +180,7 @@ def linear_label_log_probs(
     check_labels(
         labels, num_classes, ignore_index=opts.ignore_index, class_axis_name=class_axis_name,
         batch_axis_name=batch_axis_name,
+        taking_part=lambda: counted_rows(mask, None, batch_shape, opts.spec),
     )
     n = ids.size
     block = block_size or default_block_size(n, num_classes)

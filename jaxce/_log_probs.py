@@ -343,8 +343,10 @@ def label_log_probs(
         ignored = left_out_rows(ignored, examples)
         ids = jnp.where(ignored, 0, ids)
     check_finite("logits", logits, axes, where=where, class_axis_name=class_axis_name)
+    taking_part = lambda: counted_rows(mask, left_out_rows(None, examples), batch_shape, opts.spec)
     check_labels(
-        labels, z.shape[-1], ignore_index=opts.ignore_index, class_axis_name=class_axis_name
+        labels, z.shape[-1], ignore_index=opts.ignore_index, class_axis_name=class_axis_name,
+        taking_part=taking_part,
     )
     check_varying(opts, ("logits", z), ("logits", z))
     log_probs, entropy = _rows(z, ids, mask, ls)

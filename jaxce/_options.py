@@ -189,8 +189,11 @@ def check_varying(opts: Options, class_operand, batch_operand) -> None:
             )
 
 
-def check_weights(class_weights, sample_weights, num_classes, batch_shape):
-    """Validate and upcast the optional weights; class weights come back with shape (K,)."""
+def check_weights(class_weights, sample_weights, num_classes, batch_shape, dtype=None):
+    """Validate and upcast the optional weights; class weights come back with shape (K,), in
+    the compute dtype of ``dtype`` (the logits' dtype): the loss's arithmetic is in one dtype
+    (float64 weights on float32 logits would mix them), and autodiff of the cast gives the
+    weights' gradient in their own dtype."""
     if class_weights is not None:
         class_weights = jnp.asarray(class_weights)
         check_floating("class_weights", class_weights)
@@ -198,7 +201,8 @@ def check_weights(class_weights, sample_weights, num_classes, batch_shape):
             raise ValueError(
                 f"class_weights shape {class_weights.shape} does not match the {num_classes} classes"
             )
-        class_weights = class_weights.reshape(-1).astype(compute_dtype(class_weights.dtype))
+        dtype = compute_dtype(dtype or class_weights.dtype)
+        class_weights = class_weights.reshape(-1).astype(dtype)
     if sample_weights is not None:
         sample_weights = jnp.asarray(sample_weights)
         check_floating("sample_weights", sample_weights)
@@ -253,7 +257,6 @@ def counted_rows(mask, ignored, batch_shape, spec: Spec):
     return jnp.broadcast_to(counted, batch_shape)
 
 
-
 def integer_labels(labels, batch_shape, what: str, ignore_index: int | None, name="labels"):
     """Validate integer labels; return ``(ids, ignored)``: int32 class ids and the ignore mask.
 
@@ -290,10 +293,13 @@ def integer_labels(labels, batch_shape, what: str, ignore_index: int | None, nam
     return ids, ignored
 
 
-def sparse_labels(indices, weights, batch_shape, what: str, names=("label_indices", "label_weights")):
+def sparse_labels(
+    indices, weights, batch_shape, what: str, dtype, names=("label_indices", "label_weights")
+):
     """Validate sparse labels: integer ``indices`` of shape ``batch_shape + (k,)``, floating
     ``weights`` of the same shape; return them as :class:`SparseLabels` (int32 ids as
-    :func:`integer_labels` makes them, weights in the compute dtype)."""
+    :func:`integer_labels` makes them, weights in the compute dtype of ``dtype``, the
+    logits', as class weights in :func:`check_weights`)."""
     index_name, weight_name = names
     weights = jnp.asarray(weights)
     shape = jnp.shape(indices)
@@ -306,7 +312,7 @@ def sparse_labels(indices, weights, batch_shape, what: str, names=("label_indice
         )
     check_shape(weight_name, weights, shape, f"{index_name} shape")
     ids, _ = integer_labels(indices, shape, what, None, name=index_name)
-    return SparseLabels(ids, weights.astype(compute_dtype(weights.dtype)))
+    return SparseLabels(ids, weights.astype(compute_dtype(dtype)))
 
 
 def _check_unambiguous(where, logits_shape, batch_shape, opts: Options) -> None:

@@ -5,7 +5,7 @@ inside, it emits a :func:`jax.experimental.checkify.check` whose message names t
 offending element (in C order) by its index and value (see :mod:`jaxce._checked`).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -118,8 +118,13 @@ def check_labels(
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
     name: str = "labels",
+    taking_part: Callable[[], jax.Array] | None = None,
 ) -> None:
     """In checked mode: every integer label is in ``[0, num_classes)`` or is ``ignore_index``.
+
+    ``taking_part`` (None: every example) gives, when called (only in checked mode), the
+    examples whose labels are checked, of the labels' shape: an example whose classes are all
+    masked, or that an example mask leaves out, takes no part in the loss, whatever its label.
 
     ``num_classes`` is the number of classes the labels index. With ``class_axis_name`` (the
     class axis split over a mesh axis inside ``shard_map``) pass the local count: it is
@@ -137,6 +142,8 @@ def check_labels(
     if class_axis_name is not None:
         k = num_classes * jax.lax.axis_size(class_axis_name)
     bad = _labels_out_of_range(labels, k, ignore_index)
+    if taking_part is not None:
+        bad = bad & taking_part()
     at = _index_template(name, labels.ndim, "i")
     message = f" = {{value}} is outside [0, {k}) (ignore_index={ignore_index!r})"
     _report(bad, at, message, labels, _shards(labels.ndim, (), None, batch_axis_name))
@@ -150,12 +157,13 @@ def check_sparse_labels(
     class_axis_name: Any = None,
     batch_axis_name: Any = None,
     names: tuple[str, str] = ("label_indices", "label_weights"),
+    taking_part: Callable[[], jax.Array] | None = None,
 ) -> None:
     """In checked mode: every entry of non-zero weight has an index in ``[0, num_classes)``,
     and every weight is finite (an entry of weight 0 is padding: any index).
 
-    ``indices`` and ``weights`` are ``[..., k]``; ``num_classes``, ``class_axis_name`` and
-    ``batch_axis_name`` as in :func:`check_labels`.
+    ``indices`` and ``weights`` are ``[..., k]``; ``num_classes``, ``class_axis_name``,
+    ``batch_axis_name`` and ``taking_part`` (of the batch shape) as in :func:`check_labels`.
 
     Messages: ``label_indices[3, 1] = 7 is outside [0, 5) with a non-zero weight (an entry of
     weight 0 may hold any index)``, ``label_weights[0, 2] is nan (NaN and +-inf are not
@@ -168,13 +176,18 @@ def check_sparse_labels(
     if class_axis_name is not None:
         k = num_classes * jax.lax.axis_size(class_axis_name)
     bad = _labels_out_of_range(indices, k, None) & (weights != 0)
+    rows = None if taking_part is None else taking_part()[..., None]
+    if rows is not None:
+        bad = bad & rows
     at = _index_template(names[0], indices.ndim, "i")
     message = (
         f" = {{value}} is outside [0, {k}) with a non-zero weight (an entry of weight 0 may "
         "hold any index)"
     )
     _report(bad, at, message, indices, _shards(indices.ndim, (), None, batch_axis_name))
-    check_finite(names[1], weights, -1, allow_neg_inf=False, batch_axis_name=batch_axis_name)
+    check_finite(
+        names[1], weights, -1, where=rows, allow_neg_inf=False, batch_axis_name=batch_axis_name
+    )
 
 
 def check_finite(

@@ -236,6 +236,64 @@ def test_masked_classes_and_fully_masked_rows_are_exempt():
         checked(soft_loss)(np.zeros((2, 3), np.float32), y, where=np.array([True, True]))
 
 
+_TAKING_NO_PART = {  # masks that leave example 1 of 2 (3 classes) out of the loss
+    "example": np.array([True, False]),
+    "example [N, 1]": np.array([[True], [False]]),
+    "all its classes": np.array([[True, True, False], [False, False, False]]),
+}
+
+
+@pytest.mark.parametrize("mask", list(_TAKING_NO_PART))
+@pytest.mark.parametrize("fn", ["integer", "sparse", "nll", "label_log_probs"])
+def test_labels_of_examples_left_out_are_not_checked(fn, mask):
+    """An example that a mask leaves out takes no part in the loss, whatever its label (as
+    its soft label, its NaN logits): checked mode does not raise on it. The same label in an
+    example that takes part still raises."""
+    where = _TAKING_NO_PART[mask]
+    z = np.zeros((2, 3), np.float32)
+    call = {
+        "integer": lambda y, w: jaxce.softmax_cross_entropy_with_integer_labels(z, y, where=w),
+        "sparse": lambda y, w: jaxce.softmax_cross_entropy_with_sparse_labels(
+            z, y[:, None], np.ones((2, 1), np.float32), where=w
+        ),
+        "nll": lambda y, w: jaxce.nll_loss(  # a distribution over row 0's unmasked classes
+            np.log(np.array([[0.5, 0.5, 0.5], [1 / 3] * 3], np.float32)), y, where=w
+        ),
+        "label_log_probs": lambda y, w: jaxce.label_log_probs(z, y, where=w),
+    }[fn]
+    if fn == "nll" and mask != "all its classes":
+        pytest.skip("nll_loss takes log-probabilities: its where masks classes, of their shape")
+    out = np.asarray(checked(call)(np.array([0, 7]), where))
+    expected = np.log(2 if mask == "all its classes" else 3)  # (row 0 then holds 2 classes)
+    expected = -expected if fn == "label_log_probs" else expected
+    np.testing.assert_allclose(out, [expected, 0.0], rtol=1e-6)
+    name = "label_indices[0, 0]" if fn == "sparse" else "labels[0]"
+    with pytest.raises(CheckError, match=re.escape(name) + " = 7 is outside"):
+        checked(call)(np.array([7, 0]), where)
+
+
+@pytest.mark.parametrize("fn", ["integer", "sparse", "label_log_probs"])
+def test_fused_labels_with_every_class_masked_are_not_checked(fn):
+    """The fused losses take a class mask: with every class masked no example takes part, and
+    no label is checked; with one class left every label is."""
+    x = np.ones((2, 2), np.float32)
+    w = np.ones((2, 3), np.float32)
+
+    def call(y, where):
+        if fn == "label_log_probs":
+            return jaxce.linear_label_log_probs(x, w, y, where=where)
+        if fn == "sparse":
+            return jaxce.linear_softmax_cross_entropy(
+                x, w, y[:, None], label_weights=np.ones((2, 1), np.float32), where=where,
+                reduction="none",
+            )
+        return jaxce.linear_softmax_cross_entropy(x, w, y, where=where, reduction="none")
+
+    np.testing.assert_array_equal(checked(call)(np.array([0, 7]), np.zeros(3, bool)), 0.0)
+    with pytest.raises(CheckError, match=" = 7 is outside"):
+        checked(call)(np.array([0, 7]), np.array([True, False, False]))
+
+
 def test_log_distribution():
     def nll(log_p):
         check_distribution("log_probs", log_p, -1, log=True)

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 import scipy.special as sp
+from _reference import reference  # tests/ is on sys.path (pytest's rootdir insertion)
 from jax.test_util import check_grads
 
 import jaxce
@@ -1533,6 +1534,24 @@ def test_hvp_vs_hessian_and_jvp_of_grad(rng):
     assert hvp.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("junk", [np.nan, np.inf, -np.inf])
+def test_hvp_ignores_v_on_impossible_classes(rng, junk):
+    """H has a zero row and column for a masked class or a -inf logit: v's entry there takes
+    no part, whatever it holds (it once spread NaN to every entry of the row)."""
+    z = rng.normal(size=(3, 6)).astype(np.float32)
+    z[1, 4] = -np.inf
+    m = np.array([True, True, False, True, True, True])
+    v = rng.normal(size=(3, 6)).astype(np.float32)
+    impossible = ~m[None, :] | np.isneginf(z)
+    v_junk = np.where(impossible, np.float32(junk), v)
+    out = np.asarray(jaxce.softmax_cross_entropy_hvp(z, v_junk, where=m))
+    p = sp.softmax(np.where(impossible, -np.inf, f64(z)), -1)
+    vv = np.where(impossible, 0.0, f64(v))
+    closed = p * vv - p * (p * vv).sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, closed, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(out[impossible], 0.0)
+
+
 def test_hvp_batch_where_and_tuple_axis(rng):
     z = rng.normal(size=(3, 2, 4)).astype(np.float32)
     v = rng.normal(size=(3, 2, 4)).astype(np.float32)
@@ -1790,3 +1809,61 @@ def test_tuple_axis_out_of_order_flattens_in_the_order_given(rng, axis):
 def test_tuple_axis_out_of_order_is_refused_with_class_axis_name():
     with pytest.raises(ValueError, match=r"increasing order with class_axis_name"):
         ce_int(jnp.zeros((2, 3, 4)), jnp.zeros((2,), jnp.int32), (2, 1), class_axis_name="model")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("path", ["int", "soft", "sparse", "fused int", "fused sparse"])
+def test_float64_weights_on_narrower_logits(path, dtype, smoothing):
+    """With x64 on, float64 class, sample and label weights (a NumPy array is float64) on
+    float32 or bfloat16 logits give the float64 reference's value, and each weight's gradient
+    comes back in its own dtype (the loss's arithmetic takes the logits' compute dtype: with
+    smoothing, mixing them once raised a TypeError from a cond's branches)."""
+    rng = np.random.default_rng(3)
+    n, k, d = 6, 5, 4
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(n, d)), dtype)
+        w = jnp.asarray(rng.normal(size=(d, k)), dtype)
+        fused = path.startswith("fused")
+        z = None if fused else jnp.asarray(3.0 * rng.normal(size=(n, k)), dtype)
+        class_w = rng.uniform(0.5, 2.0, k)  # float64
+        sample_w = rng.uniform(0.5, 2.0, n)
+        labels = rng.integers(0, k, n)
+        entries = rng.integers(0, k, (n, 2))
+        entry_w = rng.uniform(0.1, 1.0, (n, 2))
+        opts = dict(label_smoothing=smoothing, reduction="mean")
+        if path.endswith("sparse"):
+            dense = np.zeros((n, k))
+            np.add.at(dense, (np.arange(n)[:, None], entries), entry_w)
+        elif path == "soft":
+            dense = rng.dirichlet(np.ones(k), n)
+
+        def loss(class_w, sample_w, entry_w):
+            if path == "int":
+                return jaxce.softmax_cross_entropy_with_integer_labels(
+                    z, labels, class_weights=class_w, sample_weights=sample_w, **opts)
+            if path == "soft":
+                return jaxce.softmax_cross_entropy(
+                    z, dense, class_weights=class_w, sample_weights=sample_w, **opts)
+            if path == "sparse":
+                return jaxce.softmax_cross_entropy_with_sparse_labels(
+                    z, entries, entry_w, class_weights=class_w, sample_weights=sample_w, **opts)
+            labels_in = labels if path == "fused int" else entries
+            label_w = None if path == "fused int" else entry_w
+            return jaxce.linear_softmax_cross_entropy(
+                x, w, labels_in, label_weights=label_w, class_weights=class_w,
+                sample_weights=sample_w, **opts)
+
+        weights = tuple(jnp.asarray(a) for a in (class_w, sample_w, entry_w))
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(*weights)
+        logits = np.asarray(z if not fused else x.astype(jnp.float64) @ w.astype(jnp.float64),
+                            np.float64)
+    target = labels if path.endswith("int") else dense
+    ref = reference(logits, target, integer=path.endswith("int"), class_weights=class_w,
+                    sample_weights=sample_w, label_smoothing=smoothing, reduction="mean")
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert value.dtype == jnp.float64
+    assert abs(float(value) - ref["value"]) <= tol * abs(ref["value"]) + float(ref["value_atol"])
+    for grad, given in zip(grads, weights):
+        assert grad.dtype == given.dtype == jnp.float64
+        assert np.all(np.isfinite(np.asarray(grad)))
