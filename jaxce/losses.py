@@ -77,6 +77,24 @@ def _class_axes(axis: Axis, ndim: int) -> int | tuple[int, ...]:
     return tuple(range(ndim)) if axis is None else axis
 
 
+def _expanded_where(where: ArrayLike | None, axis, shape: tuple[int, ...]):
+    """optax's reading of a ``where`` of another rank than the logits: expanded at ``axis`` (an
+    int), so that a mask broadcastable to the batch shape leaves examples out (``[N, 1]`` of
+    ``[N, T, K]`` logits). A mask that does not broadcast to the logits so, a per-class ``[K]``
+    one (which optax refuses), keeps jaxce's reading."""
+    if where is None or not isinstance(axis, int):
+        return where
+    where = jnp.asarray(where)
+    if where.ndim == len(shape):
+        return where
+    expanded = jnp.expand_dims(where, axis)
+    try:
+        fits = jnp.broadcast_shapes(expanded.shape, shape) == tuple(shape)
+    except ValueError:
+        fits = False
+    return expanded if fits else where
+
+
 def _floating(x: ArrayLike, name: str) -> jax.Array:
     x = jnp.asarray(x)
     check_floating(name, x)
@@ -121,6 +139,7 @@ def softmax_cross_entropy(
         # No classes: optax's sum over nothing is 0 (jaxce's loss refuses an empty class axis).
         batch_shape = tuple(d for i, d in enumerate(shape) if i not in axes)
         return jnp.zeros(batch_shape, compute_dtype(logits.dtype))
+    where = _expanded_where(where, axis, shape)
     return _softmax_cross_entropy(logits, labels, axis, where=where, **kwargs)
 
 
@@ -165,6 +184,7 @@ def softmax_cross_entropy_with_integer_labels(
     """
     if not isinstance(axis, (int, tuple)):
         raise ValueError(f"axis must be an int or a tuple of ints, got {type(axis)}")  # noqa: TRY004 (optax raises ValueError)
+    where = _expanded_where(where, axis, jnp.shape(logits))
     return _softmax_cross_entropy_with_integer_labels(logits, labels, axis, where=where, **kwargs)
 
 

@@ -191,3 +191,47 @@ def test_empty_class_axis_is_zero_as_in_optax():
     empty = jnp.zeros((0,))
     for name in ("softmax_cross_entropy", "poly_loss_cross_entropy", "kl_divergence"):
         assert getattr(losses, name)(empty, empty) == getattr(optax_losses, name)(empty, empty) == 0
+
+
+# Masks of another rank than the logits (optax expands them at ``axis``), against optax's number;
+# (logits shape, axis, where shape, whether optax takes it for integer labels too)
+_EXPANDED_WHERE = [
+    ((2, 3, 4), -1, (2, 1), True),
+    ((2, 3, 4), -1, (1, 3), True),
+    ((2, 3, 4), -1, (2, 3), True),
+    ((2, 3, 4), -1, (3,), False),  # optax's integer loss raises; its soft one masks axis 1
+    ((2, 4, 3), 1, (2, 3), True),
+    ((4, 4), -1, (4,), True),  # a mask of the batch shape, also of the class shape
+]
+
+
+@pytest.mark.parametrize("labels", ["integer", "soft"])
+@pytest.mark.parametrize("shape, axis, where_shape, integer_ok", _EXPANDED_WHERE)
+def test_where_of_another_rank_is_expanded_as_in_optax(shape, axis, where_shape, integer_ok, labels):
+    rng = np.random.default_rng(7)
+    z = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    where = jnp.asarray(np.arange(np.prod(where_shape)).reshape(where_shape) % 3 != 1)
+    if labels == "integer":
+        if not integer_ok:
+            pytest.skip("optax's integer-label loss refuses this mask")
+        batch = tuple(d for i, d in enumerate(shape) if i != axis % len(shape))
+        y = jnp.asarray(rng.integers(0, shape[axis], batch))
+        got = losses.softmax_cross_entropy_with_integer_labels(z, y, axis, where)
+        want = optax_losses.softmax_cross_entropy_with_integer_labels(z, y, axis, where)
+    else:
+        y = jax.nn.softmax(jnp.asarray(rng.normal(size=shape), jnp.float32), axis)
+        got = losses.softmax_cross_entropy(z, y, axis, where)
+        want = optax_losses.softmax_cross_entropy(z, y, axis, where)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_class_mask_optax_refuses_stays_a_class_mask():
+    """A [K] mask of [N, T, K] logits does not broadcast once expanded (optax raises): jaxce
+    reads it as a class mask, as its own losses do."""
+    rng = np.random.default_rng(8)
+    z = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 2, (2, 3)))
+    m = jnp.array([True, True, False, True])
+    got = losses.softmax_cross_entropy_with_integer_labels(z, y, -1, m)
+    want = jax.nn.logsumexp(jnp.where(m, z, -jnp.inf), -1) - jnp.take_along_axis(z, y[..., None], -1)[..., 0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
