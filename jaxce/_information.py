@@ -1,8 +1,10 @@
 r"""Information measures: surprisal, entropy, cross-entropy and KL divergence.
 
-Conventions (REFERENCE.md section 2): :math:`0 \log 0 = 0` in the value and in the gradient
-(a term whose weight is 0 is constant 0), and :math:`p > 0` where :math:`q = 0` gives
-:math:`+\infty`. ``base`` picks the unit: ``None`` nats, ``2`` bits, ``10`` hartleys.
+Conventions (REFERENCE.md section 2): :math:`0 \log 0 = 0`, and :math:`p > 0` where
+:math:`q = 0` gives :math:`+\infty`. A term whose derivative is infinite at 0 (:math:`p \log p`
+in the entropy and the KL divergence, :math:`p \log q` in p where :math:`q = 0`) has gradient 0
+there; the cross-entropy, linear in p, has its finite derivative :math:`-\log q_i` also where
+:math:`p_i = 0`. ``base`` picks the unit: ``None`` nats, ``2`` bits, ``10`` hartleys.
 Entries masked by ``where`` take no part whatever they hold (NaN, inf): their gradient is 0.
 A sum over no outcomes (a class axis of size 0, or a fully masked slice) is 0.
 """
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.typing import ArrayLike
 
 from ._softmax import log_probabilities, masked_fill, prepare, probabilities
@@ -26,6 +29,19 @@ def xlogy(x: jax.Array, y: jax.Array) -> jax.Array:
     """
     nonzero = x != 0
     return jnp.where(nonzero, x * jnp.log(jnp.where(nonzero, y, 1.0)), 0.0)
+
+
+def weighted_log(x: jax.Array, y: jax.Array) -> jax.Array:
+    r""":math:`x \log y` as the linear function of x it is for a fixed y: its derivative in x is
+    :math:`\log y` also where x = 0 (:func:`xlogy`'s is 0 there), and 0 where y = 0.
+
+    Where y = 0 the value is :math:`x \cdot (-\infty)` (0 for x = 0), a constant: there the
+    term is infinite for any x > 0, and its gradient is 0 (NaN-free).
+    """
+    positive = y > 0
+    log_y = jnp.log(jnp.where(positive, y, 1.0))
+    at_zero = lax.stop_gradient(jnp.where(x != 0, x * -jnp.inf, 0.0))
+    return jnp.where(positive, x * log_y, at_zero)
 
 
 def xdiff(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -135,7 +151,7 @@ def cross_entropy(
     """
     scale = log_base(base)
     (p, q), _, axes = _distributions(axis, where, p=p, q=q)
-    return -jnp.sum(xlogy(p, q), axis=axes) / scale
+    return -jnp.sum(weighted_log(p, q), axis=axes) / scale
 
 
 def kl_divergence(
