@@ -288,7 +288,10 @@ def integer_labels(labels, batch_shape, what: str, ignore_index: int | None, nam
     ignored = None
     if ignore_index is not None:
         representable = info.min <= ignore_index <= info.max
-        ignored = (labels == ignore_index) if representable else jnp.zeros(labels.shape, bool)
+        # (as an array of the labels' dtype: a Python int beyond int64, 2**64 - 1 for uint64
+        # labels, would not parse)
+        index = jnp.asarray(ignore_index, labels.dtype) if representable else None
+        ignored = (labels == index) if representable else jnp.zeros(labels.shape, bool)
         ids = jnp.where(ignored, 0, ids)  # any class: their loss and gradient are zeroed
     return ids, ignored
 

@@ -1362,6 +1362,24 @@ def test_labels_beyond_int32_are_out_of_range_never_another_class():
         assert np.isnan(out[0]) and out[1] == pytest.approx(math.log(3))
 
 
+@pytest.mark.parametrize("dtype, ignore_index", [(np.uint64, 2**64 - 1), (np.int64, -(2**63)),
+                                                 (np.uint32, 2**32 - 1)])
+def test_ignore_index_at_the_edge_of_a_64_bit_dtype(dtype, ignore_index):
+    """An ignore_index that only the labels' own dtype holds (2**64 - 1 for uint64) is compared
+    in that dtype: as a Python int JAX could not parse it."""
+    z = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    with jax.enable_x64(True):
+        labels = np.array([2, ignore_index, 0], dtype)
+        out = np.asarray(ce_int(z, labels, ignore_index=ignore_index))
+        fused = jaxce.linear_softmax_cross_entropy(
+            np.eye(3, dtype=np.float32), z, labels, ignore_index=ignore_index, reduction="none"
+        )
+    lse = sp.logsumexp(f64(z), axis=-1)
+    expected = [lse[0] - z[0, 2], 0.0, lse[2] - z[2, 0]]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    np.testing.assert_allclose(fused, expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_soft_labels_with_softcap_see_neg_inf_logits(eps):
     """The softcap maps -inf to the finite -c: the fast sums cannot tell an impossible class."""
