@@ -46,7 +46,7 @@ from ._options import (
     logits_in_rows,
     make_options,
 )
-from ._row_sums import reduce_rows, sum_exp
+from ._row_sums import reduce_rows
 from ._softmax import move_axes_last
 from ._spec import class_max, class_sum
 from ._validation import check_floating, check_shape, compute_dtype, static_number
@@ -92,28 +92,45 @@ def divergence_options(
 
 
 def normalizer(z, mask, spec: DivergenceSpec):
-    """``(c, log s)`` of ``z / tau`` over the classes of all shards: the row maximum c (0 for a
-    row without a possible class) and :math:`\\log s = \\log \\sum_k e^{z_k / \\tau - c}`."""
-    z = tempered(z, mask, spec)
-    top = class_max(reduce_rows(lambda z: z, (z,), op=jnp.max), spec)
+    """``(c, log s)`` of a row over the classes of all shards: the maximum c of the logits,
+    *before* the temperature (0 for a row without a possible class), and
+    :math:`\\log s = \\log \\sum_k e^{(z_k - c) / \\tau}`.
+
+    Shifting before dividing keeps :math:`z / \\tau` from overflowing (logits near the largest
+    float with :math:`\\tau < 1`), and the difference of nearby logits is exact. The shift
+    cancels from the log-softmax: it gets no derivative (``jax.hessian`` differentiates the
+    backward pass, which calls this)."""
+    z = possible_logits(z, mask)
+    top = class_max(jax.lax.stop_gradient(reduce_rows(lambda z: z, (z,), op=jnp.max)), spec)
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
-    log_sum = jnp.log(class_sum(sum_exp(z, shift), spec))
+    terms = lambda z, c: jnp.exp(_tempered_gap(z, c, spec))
+    log_sum = jnp.log(class_sum(reduce_rows(terms, (z,), (shift,)), spec))
     return shift, log_sum
 
 
-def tempered(z, mask, spec: DivergenceSpec):
-    """``z / tau`` in the compute dtype, -inf where masked."""
-    z = z.astype(compute_dtype(z.dtype)) / spec.temperature
+def possible_logits(z, mask):
+    """``z`` in the compute dtype, -inf where masked."""
+    z = z.astype(compute_dtype(z.dtype))
     return z if mask is None else jnp.where(mask, z, -jnp.inf)
+
+
+def _tempered_gap(z, shift, spec: DivergenceSpec):
+    """:math:`(z - c) / \\tau`. Where z - c overflows (finite logits of both signs near the
+    largest float), from the halves :math:`(z/2 - c/2) / (\\tau/2)`, exact in binary floating
+    point: finite where the quotient is (a temperature above 1)."""
+    gap = z - shift
+    halves = (0.5 * z - 0.5 * shift) / (0.5 * spec.temperature)
+    return jnp.where(jnp.isfinite(gap), gap / spec.temperature, halves)
 
 
 def log_softmax(z, mask, shift, log_sum, spec: DivergenceSpec):
     """``log softmax(z / tau)`` given the row's normaliser (of all its classes, so ``z`` may be
     a slice of them); -inf for impossible classes and for every class of an empty row."""
-    z = tempered(z, mask, spec)
-    # (z - c) - log s, not z - (c + log s): for logits near 1e4 the sum c + log s would round
-    # away most of log s, and with it the probabilities' precision.
-    return jnp.where(z > -jnp.inf, (z - shift[..., None]) - log_sum[..., None], -jnp.inf)
+    z = possible_logits(z, mask)
+    # (z - c) / tau - log s, not z / tau - (c / tau + log s): for logits near 1e4 the sum
+    # would round away most of log s, and with it the probabilities' precision.
+    gap = _tempered_gap(z, shift[..., None], spec)
+    return jnp.where(z > -jnp.inf, gap - log_sum[..., None], -jnp.inf)
 
 
 def _log_mixture(log_ps, log_pt, beta):
@@ -205,11 +222,13 @@ def _both_log_softmaxes(student, teacher, mask, spec):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def divergence_rows(student, teacher, mask, spec: DivergenceSpec):
     """Each row's divergence of softmaxes of the logits ``student`` and ``teacher`` [..., K]."""
-    return row_sums(*_both_log_softmaxes(student, teacher, mask, spec), spec).value
+    return _divergence_rows_fwd(student, teacher, mask, spec)[0]
 
 
 def _divergence_rows_fwd(student, teacher, mask, spec):
-    value = divergence_rows(student, teacher, mask, spec)
+    # The primal is computed here rather than by calling divergence_rows, so that jax.hessian
+    # (forward over reverse) can differentiate this function (and the backward pass).
+    value = row_sums(*_both_log_softmaxes(student, teacher, mask, spec), spec).value
     return value, (student, teacher, mask)  # the inputs only: no [N, K] residual
 
 
@@ -294,7 +313,9 @@ def softmax_divergence(
       stays the closed form above, the teacher's is NaN on that example (forward KL; the
       other way round for the reverse KL). A :math:`+\infty` or NaN logit gives NaN.
       bf16/f16 logits are computed in float32; gradients have the logits' dtypes. Forward
-      mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP: use reverse mode.
+      mode (``jax.jvp``, ``jax.jacfwd``) is not defined for a custom VJP and raises JAX's
+      error; use reverse mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``); ``jax.hessian``
+      (forward over reverse) works.
 
     Examples:
       >>> import jax.numpy as jnp, jaxce

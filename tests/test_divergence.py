@@ -283,6 +283,95 @@ def test_low_precision_is_computed_in_float32(kind, dtype):
         np.testing.assert_allclose(np.asarray(grad, np.float32), ref, atol=0.02 * np.abs(ref).max())
 
 
+HUGE = 3e38  # near float32's largest finite number (3.4e38): z / tau overflows for tau < 0.9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tau", [0.5, 0.25, 2.0])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_huge_finite_logits_with_a_temperature(kind, tau, dtype):
+    """Logits near the dtype's largest number, whose differences (z - max) / tau are -inf or
+    0, and z / tau may overflow: values and both gradients are the float64 ones, finite."""
+    narrow = [HUGE, HUGE, 0.0, -HUGE]  # softmax [1/2, 1/2, 0, 0] at every tau here
+    wide = [HUGE, HUGE, HUGE, -HUGE]  # [1/3, 1/3, 1/3, 0]
+    # row 0: identical softmaxes; row 1: the side that enters as -log covers the other's
+    # support, so every kind is finite
+    wide_side, narrow_side = ([wide, wide], [wide, narrow])
+    zs, zt = (wide_side, narrow_side) if kind == "forward_kl" else (narrow_side, wide_side)
+    zs, zt = jnp.asarray(zs, dtype), jnp.asarray(zt, dtype)
+    g = np.array([1.0, -2.0])
+    value, grads = jax.value_and_grad(
+        lambda a, b: jnp.sum(g * jaxce.softmax_divergence(a, b, kind=kind, temperature=tau)),
+        argnums=(0, 1),
+    )(zs, zt)
+    per_row = jaxce.softmax_divergence(zs, zt, kind=kind, temperature=tau)
+    f64 = lambda a: np.asarray(a, np.float64)
+    want = np_divergence(f64(zs), f64(zt), kind, tau=tau)
+    assert np.isfinite(want).all() and abs(want[0]) < 1e-12 and want[1] > 0.1
+    np.testing.assert_allclose(per_row, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(value, (g * want).sum(), rtol=1e-6, atol=1e-7)
+    want_grads = np_closed_form_grads(f64(zs), f64(zt), kind, 0.5, tau, None, g)
+    for grad, ref in zip(grads, want_grads):
+        assert grad.dtype == dtype and np.isfinite(f64(grad)).all()
+        np.testing.assert_allclose(f64(grad), ref, atol=1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_opposite_huge_logits_with_a_temperature_above_one(kind):
+    """z - max overflows (to -6e38) where (z - max) / tau does not (tau = 2): the KLs of 3e38
+    and the float64 gradients, finite. (A guard on shifting before dividing: z / tau never
+    overflowed here.)"""
+    zs = np.array([[HUGE, -HUGE, 0.0]], np.float32)  # log p_s = [0, -3e38, -1.5e38]
+    zt = np.array([[-HUGE, HUGE, 0.0]], np.float32)
+    value, grads = jax.value_and_grad(
+        lambda a, b: jnp.sum(jaxce.softmax_divergence(a, b, kind=kind, temperature=2.0)),
+        argnums=(0, 1),
+    )(zs, zt)
+    f64 = lambda a: np.asarray(a, np.float64)
+    want = np_divergence(f64(zs), f64(zt), kind, tau=2.0)
+    assert np.isfinite(want).all() and want[0] > (3e38 if "kl" in kind else 0.69)
+    np.testing.assert_allclose(value, want.sum(), rtol=1e-6)
+    want_grads = np_closed_form_grads(f64(zs), f64(zt), kind, 0.5, 2.0, None, np.ones(1))
+    for grad, ref in zip(grads, want_grads):
+        assert np.isfinite(grad).all()
+        np.testing.assert_allclose(grad, ref, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Second derivatives: jax.hessian is forward-over-reverse, through the custom VJP.
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tau", [1.0, 0.7, 2.5])
+def test_hessians_match_autodiff_of_the_plain_formulas(kind, tau):
+    zs, zt = random_logits((2, 5), seed=9)
+    g = np.array([1.0, -0.5])
+    with jax.enable_x64(True):
+        zs64, zt64, g64 = (jnp.asarray(a, jnp.float64) for a in (zs, zt, g))
+        ours = lambda a, b: jnp.sum(
+            g64 * jaxce.softmax_divergence(a, b, kind=kind, beta=0.3, temperature=tau)
+        )
+        plain = lambda a, b: jnp.sum(g64 * plain_divergence(a, b, kind, 0.3, tau))
+        got = jax.hessian(ours, argnums=(0, 1))(zs64, zt64)
+        want = jax.hessian(plain, argnums=(0, 1))(zs64, zt64)
+        for got_row, want_row in zip(got, want):  # student-student, student-teacher, ...
+            for a, b in zip(got_row, want_row):
+                assert a.shape == (2, 5, 2, 5)
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 2.0])
+def test_forward_kl_hessian_in_the_student_is_the_softmax_jacobian_over_tau_squared(tau):
+    """(diag(p_s) - p_s p_s^T) / tau^2; a class impossible for both (-inf) takes no part: 0 in
+    its row and column."""
+    s = jnp.array([1.0, 0.0, -1.0, -jnp.inf])
+    t = jnp.array([2.0, 0.0, -2.0, -jnp.inf])
+    hessian = jax.hessian(lambda z: jaxce.softmax_divergence(z, t, temperature=tau))(s)
+    p = scipy.special.softmax(np.array([1.0, 0.0, -1.0, -np.inf]) / tau)
+    np.testing.assert_allclose(hessian, (np.diag(p) - np.outer(p, p)) / tau**2, atol=1e-6)
+    assert np.all(hessian[3] == 0.0) and np.all(hessian[:, 3] == 0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reductions, weights, base.
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -135,6 +136,33 @@ def test_temp_memory_is_flat_in_v_and_far_below_the_logits():
 def sharded_case():
     x, w, _b, tx, tw, _tb = (np.asarray(a, np.float32) for a in problem(4, v=16, n=8))
     return x, w, np.zeros(16, np.float32), tx, tw
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_huge_logits_with_a_temperature_below_one(kind):
+    """Logits near float32's largest number at tau = 0.5 (z / tau would overflow): the exact
+    values of softmaxes [1/2, 1/2, 0, 0] and [1/3, 1/3, 1/3, 0], and the in-place gradient."""
+    huge, tau = 3e38, 0.5
+    narrow, wide = [huge, huge, 0.0, -huge], [huge, huge, huge, -huge]
+    p_narrow, p_wide = np.array([0.5, 0.5, 0.0, 0.0]), np.array([1.0, 1.0, 1.0, 0.0]) / 3
+    # the side that enters as -log (the student for the forward KL) covers the other's support
+    forward = kind == "forward_kl"
+    x, teacher = (wide, narrow) if forward else (narrow, wide)
+    p_s, p_t = (p_wide, p_narrow) if forward else (p_narrow, p_wide)
+    x, teacher = np.array([x], np.float32), np.array([teacher], np.float32)
+    w = np.eye(4, dtype=np.float32)
+    m = 0.5 * (p_s + p_t)
+    want = {
+        "forward_kl": scipy.special.rel_entr(p_t, p_s).sum(),
+        "reverse_kl": scipy.special.rel_entr(p_s, p_t).sum(),
+        "jsd": 0.5 * (scipy.special.rel_entr(p_t, m).sum() + scipy.special.rel_entr(p_s, m).sum()),
+    }[kind]
+    fused = lambda x: jaxce.linear_softmax_divergence(x, w, teacher, kind=kind, temperature=tau)
+    value, dx = jax.value_and_grad(fused)(x)
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    in_place = lambda z: jaxce.softmax_divergence(z, teacher, kind=kind, temperature=tau).sum()
+    assert np.isfinite(dx).all()
+    np.testing.assert_allclose(dx, jax.grad(in_place)(x), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
