@@ -115,10 +115,13 @@ def possible_logits(z, mask):
 
 
 def _tempered_gap(z, shift, spec: DivergenceSpec):
-    """:math:`(z - c) / \\tau`. Where z - c overflows (finite logits of both signs near the
-    largest float), from the halves :math:`(z/2 - c/2) / (\\tau/2)`, exact in binary floating
-    point: finite where the quotient is (a temperature above 1)."""
+    """:math:`(z - c) / \\tau`. Where z - c overflows to -inf (finite logits of both signs near
+    the largest float) the quotient is -inf too for :math:`\\tau \\le 1`; above 1 it may be
+    finite, and comes from the halves :math:`(z/2 - c/2) / (\\tau/2)`, exact in binary floating
+    point (a select per logit that the common :math:`\\tau \\le 1` does without)."""
     gap = z - shift
+    if spec.temperature <= 1.0:
+        return gap / spec.temperature
     halves = (0.5 * z - 0.5 * shift) / (0.5 * spec.temperature)
     return jnp.where(jnp.isfinite(gap), gap / spec.temperature, halves)
 
