@@ -237,6 +237,9 @@ def _reduced_bwd(opts, block, tile, gradient_filter, residuals, cotangents):
 
 
 _reduced.defvjp(_reduced_fwd, _reduced_bwd, symbolic_zeros=True)
+# Under shard_map run eagerly (not jitted), JAX 0.10 cannot call a custom VJP with symbolic
+# zeros (NotImplementedError); inside a jit it can, and under an outer jit this one is inlined.
+_reduced_in_jit = jax.jit(_reduced, static_argnums=(8, 9, 10, 11))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,6 +423,6 @@ def linear_softmax_cross_entropy(
         loss, lse, correct = _rows(x2, w, bias, y, mask, class_weights, opts, block, tile, filt)
         out = finish(loss, lse, correct, y, counted, class_weights, sw, opts, segments)
     else:
-        out = _reduced(x2, w, bias, y, mask, class_weights, sw, counted, opts, block, tile, filt)
+        out = _reduced_in_jit(x2, w, bias, y, mask, class_weights, sw, counted, opts, block, tile, filt)
     unflat = lambda a: a.reshape(batch_shape) if a.ndim == 1 else a
     return jax.tree.map(unflat, out)

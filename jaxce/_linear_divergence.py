@@ -223,8 +223,6 @@ def linear_softmax_divergence(
     )
     x, w, bias, mask, block_size = linear_inputs(x, w, bias, where, block_size, opts)
     num_classes = w.shape[1]
-    if not num_classes:
-        raise ValueError(f"w has no classes: shape {w.shape}")
     batch_shape = x.shape[:-1]
     teacher = _teacher_inputs(teacher, batch_shape, num_classes, class_axis_name)
     _, sample_weights = check_weights(None, sample_weights, num_classes, batch_shape)

@@ -173,8 +173,6 @@ def linear_label_log_probs(
     )
     x, w, bias, mask, block_size = linear_inputs(x, w, bias, where, block_size, opts)
     num_classes = w.shape[1]
-    if not num_classes:
-        raise ValueError(f"w has no classes: shape {w.shape}")
     batch_shape = x.shape[:-1]
     ids, ignored = integer_labels(labels, batch_shape, "x's batch shape", opts.ignore_index)
     check_labels(

@@ -190,6 +190,8 @@ def linear_inputs(x, w, bias, where, block_size, opts: Options):
             f"w shape {w.shape} does not match x shape {x.shape}: expected [D, V], D={x.shape[-1]}"
         )
     num_classes = w.shape[1]
+    if not num_classes:
+        raise ValueError(f"w has no classes: shape {w.shape}")
     check_varying(opts, ("w", w), ("x", x))
     if bias is not None:
         bias = jnp.asarray(bias)

@@ -1487,6 +1487,10 @@ def test_no_classes_is_a_clear_error():
         ce_int(np.zeros((2, 0), np.float32), np.zeros(2, np.int32))
     with pytest.raises(ValueError, match="no classes"):
         ce_soft(np.zeros((2, 0), np.float32), np.zeros((2, 0), np.float32))
+    x, w = np.ones((4, 3), np.float32), np.ones((3, 0), np.float32)
+    for reduction in ("none", "mean"):  # (the fused loss divided by 0 classes)
+        with pytest.raises(ValueError, match=r"w has no classes: shape \(3, 0\)"):
+            jaxce.linear_softmax_cross_entropy(x, w, np.zeros(4, int), reduction=reduction)
 
 
 # ------------------------------------------------------------------------------------------

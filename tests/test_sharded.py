@@ -509,6 +509,21 @@ def test_linear_loss_and_grads_match(mesh_shape):
         check_against(*sharded[r], *single[r], F32, f"mesh {mesh_shape} vs single device, {r}")
 
 
+def test_linear_loss_under_an_eager_shard_map():
+    """shard_map called without jit: the fused loss's value, its aux and its gradients match the
+    jitted ones (JAX cannot run its custom VJP with symbolic zeros eagerly under shard_map;
+    the loss runs it inside a jit)."""
+    a = linear_problem()
+    x, w, labels, sw = (jnp.asarray(a[k]) for k in ("x", "w", "labels", "sample_weights"))
+    loss = linear_sharded((2, 4), "mean")
+    eager = jax.value_and_grad(loss, argnums=(0, 1))(x, w, labels, sw)
+    jitted = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w, labels, sw)
+    np.testing.assert_allclose(loss(x, w, labels, sw), linear_reference("mean"), rtol=1e-5)
+    np.testing.assert_allclose(eager[0], linear_reference("mean"), rtol=1e-5)
+    for e, j in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        np.testing.assert_allclose(e, j, rtol=1e-5, atol=1e-7)
+
+
 def temp_bytes(compiled) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
