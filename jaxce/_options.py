@@ -180,6 +180,11 @@ def check_varying(opts: Options, class_operand, batch_operand) -> None:
     named = (("class_axis_name", opts.spec.class_axis_name, class_operand),
              ("batch_axis_name", opts.batch_axis_name, batch_operand))
     for option, axis, (operand_name, operand) in named:
+        if isinstance(axis, (tuple, list)):
+            raise ValueError(
+                f"{option}={axis!r}: name one mesh axis (a string), not a sequence of them; "
+                "splitting the classes or the batch over several mesh axes is not supported"
+            )
         if axis is not None and axis not in varying_axes(operand):
             raise ValueError(
                 f"{option}={axis!r}, but {operand_name} does not vary over mesh axis {axis!r} "

@@ -624,6 +624,24 @@ def test_shard_map_without_vma_checks_raises(fused):
         jax.jit(f)(*args)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["in_place", "fused"])
+def test_a_tuple_of_mesh_axes_is_refused_clearly(fused):
+    """One mesh axis per option: a tuple (which JAX's collectives take) gets a message that
+    says so, not that the operand does not vary over the axis it varies over."""
+    a = linear_problem()
+    if fused:
+        local = lambda x, w, y: jaxce.linear_softmax_cross_entropy(x, w, y, class_axis_name=(MODEL,))
+        args, specs = (a["x"], a["w"], np.maximum(a["labels"], 0)), (P(), P(None, MODEL), P())
+    else:
+        local = lambda z, y: jaxce.softmax_cross_entropy_with_integer_labels(
+            z, y, class_axis_name=(MODEL,), reduction="mean")
+        p = problem(True)
+        args, specs = (p["logits"], np.maximum(p["labels"], 0)), (P(None, MODEL), P())
+    f = jax.shard_map(local, mesh=mesh_of((1, 8)), in_specs=specs, out_specs=P())
+    with pytest.raises(ValueError, match=r"class_axis_name=\('model',\): name one mesh axis"):
+        jax.jit(f)(*args)
+
+
 def test_linear_scalar_reduction_with_undifferentiated_aux():
     """``return_aux`` with a scalar reduction, the aux not differentiated (``has_aux``): the
     backward pass gets symbolic zeros for the per-example aux, which vary over the batch axis
