@@ -93,6 +93,17 @@ def _segment_mean(loss, counted, norm, segments, batch_axis_name):
     return _mean(jnp.sum(means), held) + jnp.where(stray > 0, jnp.nan, 0.0)
 
 
+def _int32_ids(ids):
+    """Integer ids as int32, those beyond int32's range as -1 (outside every class or segment).
+
+    The bounds are compared in the ids' own dtype only where it holds them (int32's minimum
+    would wrap to 2**31 in uint32, and every id would fail the test)."""
+    info = jnp.iinfo(ids.dtype)
+    if info.max > _INT32.max or info.min < _INT32.min:
+        ids = jnp.where((ids >= max(info.min, _INT32.min)) & (ids <= _INT32.max), ids, -1)
+    return ids.astype(jnp.int32)
+
+
 def check_segments(segment_ids, batch_shape, opts: "Options"):
     """``(segment_ids, num_segments)`` as int32 ids of the batch shape for ``"segment_mean"``;
     None for the other reductions (which ignore ``segment_ids``)."""
@@ -103,11 +114,7 @@ def check_segments(segment_ids, batch_shape, opts: "Options"):
     segment_ids = jnp.asarray(segment_ids)
     check_integer("segment_ids", segment_ids)
     check_shape("segment_ids", segment_ids, batch_shape, "the batch shape")
-    info = jnp.iinfo(segment_ids.dtype)
-    if info.max > _INT32.max or info.min < _INT32.min:  # beyond int32: outside every segment
-        fits = (segment_ids >= _INT32.min) & (segment_ids <= _INT32.max)
-        segment_ids = jnp.where(fits, segment_ids, -1)
-    return segment_ids.astype(jnp.int32), opts.num_segments
+    return _int32_ids(segment_ids), opts.num_segments
 
 
 def label_class_weights(class_weights, labels, spec: Spec):
@@ -285,11 +292,8 @@ def integer_labels(labels, batch_shape, what: str, ignore_index: int | None, nam
     labels = jnp.asarray(labels)
     check_integer(name, labels)
     check_shape(name, labels, batch_shape, what)
+    ids = _int32_ids(labels)
     info = jnp.iinfo(labels.dtype)
-    ids = labels
-    if info.max > _INT32.max or info.min < _INT32.min:
-        ids = jnp.where((labels >= max(info.min, _INT32.min)) & (labels <= _INT32.max), labels, -1)
-    ids = ids.astype(jnp.int32)
     ignored = None
     if ignore_index is not None:
         representable = info.min <= ignore_index <= info.max

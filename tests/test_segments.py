@@ -61,6 +61,30 @@ def test_integer_labels_with_weights_and_ignored_examples():
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.uint16, np.uint32, np.int64, np.uint64])
+def test_segment_ids_of_every_integer_dtype(dtype):
+    """Ids in range give the same mean in every integer dtype (uint32 ids were all read as out
+    of range: int32's minimum, converted to uint32, wrapped to 2**31); the fused loss and the
+    divergence too."""
+    logits, labels, weights = problem()
+    labels = np.maximum(labels, 0)
+    per_example = np.asarray(
+        jaxce.softmax_cross_entropy_with_integer_labels(logits, labels), np.float64
+    )
+    want = np_segment_mean(per_example, np.ones(N, bool), np.ones(N), IDS, SEGMENTS)
+    x = np.eye(N, D, dtype=np.float32)
+    w = np.zeros((D, K), np.float32)
+    with jax.enable_x64(True):
+        ids = IDS.astype(dtype)
+        options = dict(reduction="segment_mean", segment_ids=ids, num_segments=SEGMENTS)
+        got = jaxce.softmax_cross_entropy_with_integer_labels(logits, labels, **options)
+        fused = jaxce.linear_softmax_cross_entropy(x, w, labels, **options)
+        divergence = jaxce.softmax_divergence(logits, logits, **options)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(fused, np.log(K), rtol=1e-6)  # (zero logits: log K each)
+    np.testing.assert_allclose(divergence, 0.0, atol=1e-6)
+
+
 def test_soft_labels_and_divergence_and_fused_agree_with_the_reference():
     logits, labels, weights = problem(1)
     labels = np.where(labels < 0, 0, labels)
