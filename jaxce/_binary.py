@@ -40,7 +40,9 @@ def _binary_cross_entropy_fwd(z, y, pos_weight):
 def _binary_cross_entropy_bwd(residuals, g):
     z, y, pos_weight = residuals
     a = pos_weight * y
-    dz = g * (jax.nn.sigmoid(z) * (a + 1.0 - y) - a)
+    # sigma(z) (a + 1 - y) - a, as (1 - y) sigma(z) - a sigma(-z): no 1 - 1 cancellation where
+    # sigma(z) rounds to 1 (y = 1 and z > 17 in float32 gave 0 for -sigma(-z)).
+    dz = g * ((1.0 - y) * jax.nn.sigmoid(z) - a * jax.nn.sigmoid(-z))
     dy = _nonzero_times(g, pos_weight * jax.nn.softplus(-z) - jax.nn.softplus(z))
     dpos = _nonzero_times(g, _nonzero_times(y, jax.nn.softplus(-z)))
     return dz, dy, dpos

@@ -372,13 +372,18 @@ def sigmoid_focal_loss(
     logits = _floating(logits, "logits")
     dtype = compute_dtype(logits.dtype)
     z, y = jnp.broadcast_arrays(logits.astype(dtype), jnp.asarray(labels).astype(dtype))
+    # p_t = 1 (an infinite logit on the label's side): the loss is 0, with gradient 0; there
+    # log(1 - p_t) = -inf would give exp(0 * -inf) and 0 * inf (NaN), so such entries are
+    # computed at z = 0 and zeroed (the double where).
+    certain = ((z == jnp.inf) & (y == 1.0)) | ((z == -jnp.inf) & (y == 0.0))
+    z = jnp.where(certain, 0.0, z)
     ce = _sigmoid_binary_cross_entropy(z, y)
     log_one_minus_pt = jax.scipy.special.logsumexp(
         jnp.stack([jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)], axis=-1),
         axis=-1,
         b=jnp.stack([1.0 - y, y], axis=-1),
     )
-    loss = ce * jnp.exp(gamma * log_one_minus_pt)
+    loss = jnp.where(certain, 0.0, ce * jnp.exp(gamma * log_one_minus_pt))
     if alpha is None:
         return loss
     return (alpha * y + (1.0 - alpha) * (1.0 - y)) * loss

@@ -843,6 +843,47 @@ def test_sigmoid_bce_at_infinite_logits():
     assert np.isfinite(g).all()
 
 
+@pytest.mark.parametrize("pos_weight", [1.0, 3.0])
+def test_sigmoid_bce_gradient_keeps_its_precision_at_large_logits(pos_weight):
+    """d/dz = (1 - y) sigma(z) - a sigma(-z) (a = pos_weight y): where sigma(z) rounds to 1 the
+    form sigma(z) (a + 1 - y) - a gave 1 - 1 = 0 for the tiny -a sigma(-z) (z > 17, y = 1)."""
+    z = np.array([17.0, 30.0, 50.0, -30.0, -50.0], np.float32)
+    y = np.array([1.0, 1.0, 1.0, 0.0, 0.0], np.float32)
+    g = np.asarray(jax.grad(lambda z: bce(z, y, pos_weight=pos_weight).sum())(z), np.float64)
+    z64, y64 = f64(z), f64(y)
+    want = (1 - y64) * sp.expit(z64) - pos_weight * y64 * sp.expit(-z64)
+    np.testing.assert_allclose(g, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_loss_at_infinite_and_large_logits(gamma):
+    """jaxce.losses.sigmoid_focal_loss: an infinite logit on the label's side has loss 0 and
+    gradient 0 (exp(0 * -inf) and 0 * inf gave NaN); at large finite logits the value and the
+    gradient match float64 (the gradient once lost sigma(-z) to cancellation)."""
+    z = np.array([np.inf, -np.inf, 20.0, -20.0, 1.5], np.float32)
+    y = np.array([1.0, 0.0, 1.0, 0.0, 1.0], np.float32)
+    focal = lambda z: jaxce.losses.sigmoid_focal_loss(z, y, gamma=gamma)
+    v = np.asarray(focal(z), np.float64)
+    g = np.asarray(jax.grad(lambda z: focal(z).sum())(z), np.float64)
+    np.testing.assert_array_equal(v[:2], 0.0)
+    np.testing.assert_array_equal(g[:2], 0.0)
+    z64, y64 = f64(z[2:]), f64(y[2:])
+
+    def ref(z):  # float64: (1 - p_t)^gamma * BCE
+        p = sp.expit(z)
+        p_t = y64 * p + (1 - y64) * (1 - p)
+        return (1 - p_t) ** gamma * (y64 * np.logaddexp(0, -z) + (1 - y64) * np.logaddexp(0, z))
+
+    # hard labels: with u = +-z (the label's side) and q = 1 - p_t = sigma(-u), L = q^gamma
+    # softplus(-u) and dL/du = -q^gamma (gamma sigma(u) softplus(-u) + q)
+    sign = 2 * y64 - 1
+    u = sign * z64
+    q = sp.expit(-u)
+    grad = -sign * q**gamma * (gamma * sp.expit(u) * np.logaddexp(0, -u) + q)
+    np.testing.assert_allclose(v[2:], ref(z64), rtol=1e-5)
+    np.testing.assert_allclose(g[2:], grad, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------
 # Bad input: the error message names what was wrong
 
