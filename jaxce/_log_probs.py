@@ -57,7 +57,7 @@ from ._row_sums import (
 )
 from ._softmax import masked_fill
 from ._spec import Spec, class_ids, class_max, class_shards, class_sum, sum_like
-from ._validation import compute_dtype, static_number
+from ._validation import compute_dtype, static_bool, static_number
 from ._value_checks import check_finite, check_labels
 
 
@@ -92,8 +92,7 @@ def make_log_prob_spec(temperature, logit_softcap, return_entropy, ignore_index,
         class_axis_name=class_axis_name,
         batch_axis_name=batch_axis_name,
     )
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {return_entropy!r}")
+    return_entropy = static_bool("return_entropy", return_entropy)
     return opts, LogProbSpec(opts.spec, check_temperature(temperature), return_entropy)
 
 

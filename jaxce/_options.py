@@ -23,6 +23,7 @@ from ._validation import (
     check_softcap,
     compute_dtype,
     log_base,
+    static_bool,
     static_int,
 )
 
@@ -171,7 +172,7 @@ def make_options(
         sparse_labels=sparse_labels,
     )
     return Options(
-        spec, log_base(base), reduction, bool(return_aux), ignore_index, batch_axis_name,
+        spec, log_base(base), reduction, static_bool("return_aux", return_aux), ignore_index, batch_axis_name,
         num_segments,
     )
 

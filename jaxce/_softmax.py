@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from ._validation import broadcast_mask, canonical_axes, check_floating, compute_dtype
+from ._validation import broadcast_mask, canonical_axes, check_floating, compute_dtype, static_bool
 
 
 def masked_fill(x: jax.Array, mask: jax.Array | None, value: float = -jnp.inf) -> jax.Array:
@@ -119,6 +119,7 @@ def logsumexp(
       >>> print(jaxce.logsumexp(jnp.array([-jnp.inf, -jnp.inf])))
       -inf
     """
+    keepdims = static_bool("keepdims", keepdims)
     x, xc, mask, axes = prepare(x, axis, where)
     out = _logsumexp(xc, mask, axes)
     if not keepdims:

@@ -128,6 +128,20 @@ def static_int(name: str, value, *, optional: bool = False) -> int | None:
     return _static_scalar(name, value, integer=True, optional=optional)
 
 
+def static_bool(name: str, value) -> bool:
+    """A static flag as a Python bool: ``True``, ``False`` or a NumPy bool; anything else (a
+    string, an array) is refused rather than read by its truth.
+
+    Examples:
+      >>> import numpy as np
+      >>> static_bool("keepdims", np.True_)
+      True
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def log_base(base: float | None) -> float:
     """``ln(base)``, the factor that turns nats into units of ``base`` (1 for ``None``)."""
     base = static_number("base", base, optional=True)
