@@ -19,6 +19,7 @@ JAX and Optax are imported inside the functions that use them, so that the comma
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
@@ -118,6 +119,8 @@ def predict_proba(params: Params, features, model: str | None = None) -> jax.Arr
 
     model = model or _model_of(params)
     _check_model(model)
+    if model != _model_of(params):
+        raise ValueError(f"model={model!r}, but params are {_model_of(params)} regression's")
     logits = _logits(params, jnp.asarray(features, dtype=jnp.float32))
     if model == "softmax":
         return jaxce.softmax(logits, axis=-1)
@@ -239,6 +242,29 @@ def _optimizer(name: str, learning_rate: float | None, weight_decay: float):
     return {"adam": optax.adam, "sgd": optax.sgd, "rmsprop": optax.rmsprop}[name](learning_rate)
 
 
+def _check_hyperparameters(learning_rate, weight_decay, chunk_size) -> None:
+    """A learning rate finite and > 0 (or None, for L-BFGS's line search), a weight decay
+    finite and >= 0, and a chunk size that is a positive int (or None)."""
+    if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be finite and > 0, got {learning_rate!r}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _check_labels(labels: np.ndarray, model: str) -> None:
+    """Integer class ids, ``0 .. C-1`` (softmax) or ``0``/``1`` (logistic): a float label is
+    not truncated, a negative one not turned into NaN losses."""
+    if labels.dtype.kind not in "iub":
+        raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+    allowed = "0 .. C-1" if model == "softmax" else "0 or 1"
+    bad = (labels < 0) if model == "softmax" else (labels != 0) & (labels != 1)
+    if np.any(bad):
+        got = labels[bad].flat[0]
+        raise ValueError(f"labels must be {allowed} for {model} regression, got {got}")
+
+
 def fit(
     features,
     labels,
@@ -312,6 +338,7 @@ def fit(
         learning_rate = DEFAULT_LEARNING_RATES.get(optimizer)
     if weight_decay is None:
         weight_decay = DEFAULT_WEIGHT_DECAY.get(optimizer, 0.0)
+    _check_hyperparameters(learning_rate, weight_decay, chunk_size)
     opt = _optimizer(optimizer, learning_rate, weight_decay)
     loss_fn = loss_fn or _default_loss(model)
     label_dtype = jnp.int32 if model == "softmax" else jnp.float32
@@ -319,6 +346,7 @@ def fit(
     y = jnp.asarray(np.asarray(labels), dtype=label_dtype)
     if x.ndim != 2 or y.shape != x.shape[:1]:
         raise ValueError(f"features shape {x.shape} and labels shape {y.shape} do not match")
+    _check_labels(np.asarray(labels), model)
     num_classes = int(np.max(labels)) + 1 if model == "softmax" else 1
     if model == "softmax" and num_classes < 2:
         raise ValueError("softmax regression needs at least two classes")

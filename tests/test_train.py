@@ -311,6 +311,36 @@ def test_largest_seed_and_fit_step_bound(capsys):
         train.fit(x, y, steps=train.MAX_STEPS + 1)
 
 
+_X = np.array([[-2.0], [-1.0], [1.0], [2.0]], np.float32)
+_Y = np.array([0, 0, 1, 1])
+_BAD_FIT = [
+    (dict(chunk_size=-1), ValueError, r"chunk_size must be a positive int or None, got -1"),
+    (dict(learning_rate=float("nan")), ValueError, r"learning_rate must be finite and > 0, got nan"),
+    (dict(learning_rate=-0.1), ValueError, r"learning_rate must be finite and > 0, got -0.1"),
+    (dict(weight_decay=-1.0), ValueError, r"weight_decay must be finite and >= 0, got -1.0"),
+    (dict(labels=np.array([0, -1, 1, 1])), ValueError, r"labels must be 0 .. C-1 for softmax regression, got -1"),
+    (dict(labels=np.array([0.0, 0.5, 1.0, 1.0])), TypeError, r"labels must be integers, got dtype float64"),
+    (dict(labels=np.array([0, 2, 1, 1]), model="logistic"), ValueError, r"labels must be 0 or 1 for logistic regression, got 2"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", _BAD_FIT)
+def test_fit_refuses_bad_arguments(kwargs, error, message):
+    """Bad hyperparameters and labels raise before any step (they had run to NaN losses, a raw
+    compiler error for chunk_size=-1, or truncated float labels to classes)."""
+    kwargs = dict(kwargs)
+    labels = kwargs.pop("labels", _Y)
+    with pytest.raises(error, match=message):
+        train.fit(_X, labels, steps=5, **kwargs)
+
+
+def test_predict_proba_refuses_a_model_that_does_not_match_the_params():
+    params = train.fit(_X, _Y, steps=5, model="logistic").params
+    with pytest.raises(ValueError, match="model='softmax', but params are logistic regression's"):
+        train.predict_proba(params, _X, model="softmax")
+    assert train.predict_proba(params, _X, model="logistic").shape == (4, 2)
+
+
 def test_csv_with_byte_order_mark(tmp_path, capsys):
     # Excel's "CSV UTF-8" starts with a byte-order mark, which hid the first column's name.
     rows = [f"{'x' if k % 2 else 'z'},{k % 2 + 0.1 * k}" for k in range(20)]
