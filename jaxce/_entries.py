@@ -19,7 +19,8 @@ def sparse_outside(labels: SparseLabels, num_classes: int) -> jax.Array:
 
 def local_entries(indices, num_local: int, spec: Spec, columns=None):
     """``(index, held)``: the entries' indices into the local slice of classes (clipped into
-    it) and whether it holds them; ``columns`` as in :func:`jaxce._row_cotangents.row_cotangents`."""
+    it) and whether it holds them; ``columns`` as in
+    :func:`jaxce._row_cotangents.row_cotangents`."""
     offset = class_offset(num_local, spec) if columns is None else (
         columns[0] + class_offset(columns[1], spec)
     )
@@ -65,13 +66,14 @@ def entry_cotangents(dz, dweights, cotangent, gathered, labels: SparseLabels, ma
                       class_weights, normalizer, num_possible, g_loss, bad, spec: Spec, columns):
     r"""The labels' share of the cotangents: their k entries, in O(N k).
 
-    ``dz`` holds :func:`jaxce._row_cotangents.row_cotangents`' closed form without the entries' targets;
-    ``gathered = (raw, index, held)`` the entries' logits, their indices into the local slice
-    of classes and whether it holds them (:func:`local_entries`). At each
+    ``dz`` holds :func:`jaxce._row_cotangents.row_cotangents`' closed form without the
+    entries' targets; ``gathered = (raw, index, held)`` the entries' logits, their indices into
+    the local slice of classes and whether it holds them (:func:`local_entries`). At each
     entry's class the closed form is recomputed with its full target, ``cotangent(log p_c,
     t_c, ...)`` with :math:`t_c = w_c ((1 - \varepsilon) \sum_{j: i_j = c} a_j + \varepsilon /
-    K_m)` (a_j the entry's weight where it takes part, see :func:`jaxce._row_stats._entry_logits`; duplicates add
-    up, by a k x k comparison per row), and written over ``dz`` there by a scatter, in place,
+    K_m)` (a_j the entry's weight where it takes part, see
+    :func:`jaxce._row_stats._entry_logits`; duplicates add up, by a k x k comparison per row),
+    and written over ``dz`` there by a scatter, in place,
     in ``dz``'s own dtype: no [N, K] target and, for bfloat16 logits, no float32 [N, K] ``dz``
     to round afterwards. ``dweights`` (class weights) gains
     :math:`-g (1 - \varepsilon) a_j \log p_{i_j}` at class :math:`i_j`; and the entries'

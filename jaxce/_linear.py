@@ -423,6 +423,8 @@ def linear_softmax_cross_entropy(
         loss, lse, correct = _rows(x2, w, bias, y, mask, class_weights, opts, block, tile, filt)
         out = finish(loss, lse, correct, y, counted, class_weights, sw, opts, segments)
     else:
-        out = _reduced_in_jit(x2, w, bias, y, mask, class_weights, sw, counted, opts, block, tile, filt)
+        out = _reduced_in_jit(
+            x2, w, bias, y, mask, class_weights, sw, counted, opts, block, tile, filt
+        )
     unflat = lambda a: a.reshape(batch_shape) if a.ndim == 1 else a
     return jax.tree.map(unflat, out)

@@ -171,9 +171,9 @@ def make_options(
         class_axis_name=class_axis_name,
         sparse_labels=sparse_labels,
     )
+    return_aux = static_bool("return_aux", return_aux)
     return Options(
-        spec, log_base(base), reduction, static_bool("return_aux", return_aux), ignore_index, batch_axis_name,
-        num_segments,
+        spec, log_base(base), reduction, return_aux, ignore_index, batch_axis_name, num_segments
     )
 
 
@@ -297,11 +297,12 @@ def integer_labels(labels, batch_shape, what: str, ignore_index: int | None, nam
     info = jnp.iinfo(labels.dtype)
     ignored = None
     if ignore_index is not None:
-        representable = info.min <= ignore_index <= info.max
-        # (as an array of the labels' dtype: a Python int beyond int64, 2**64 - 1 for uint64
-        # labels, would not parse)
-        index = jnp.asarray(ignore_index, labels.dtype) if representable else None
-        ignored = (labels == index) if representable else jnp.zeros(labels.shape, bool)
+        if info.min <= ignore_index <= info.max:
+            # (as an array of the labels' dtype: as a Python int, 2**64 - 1 for uint64 labels
+            # would not parse)
+            ignored = labels == jnp.asarray(ignore_index, labels.dtype)
+        else:
+            ignored = jnp.zeros(labels.shape, bool)
         ids = jnp.where(ignored, 0, ids)  # any class: their loss and gradient are zeroed
     return ids, ignored
 

@@ -70,7 +70,8 @@ def default_block_size(num_rows: int, num_classes: int) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # One sweep over the blocks of rows. Every mode reads the same logits z_b = x_b w + bias; the
-# shared mathematics of _row_stats.py and _row_cotangents.py turns them into statistics and cotangents.
+# shared mathematics of _row_stats.py and _row_cotangents.py turns them into statistics and
+# cotangents.
 
 
 def block_logits(xb, w, bias, dtype):
